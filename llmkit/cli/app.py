@@ -1,0 +1,81 @@
+"""The Typer app: global flags, command registration, and the one place errors become exit codes."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Any
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from llmkit import __version__
+from llmkit.cli import _output as out
+from llmkit.errors import LlmkitError
+
+EXIT_INTERRUPTED = 130
+
+
+class LlmkitGroup(TyperGroup):
+    """Maps llmkit errors and Ctrl-C to a message and an exit code; tracebacks only with --debug."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except LlmkitError as exc:
+            if out.debug_enabled():
+                raise
+            out.error(exc)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            if out.debug_enabled():
+                raise
+            sys.stderr.write("Interrupted.\n")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+app = typer.Typer(
+    name="llmkit",
+    cls=LlmkitGroup,
+    help="A command line for GPT-2-family language models: generate, score, tokenize, inspect.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"llmkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More detail on stderr.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", envvar="LLMKIT_DEBUG",
+                                        help="Show tracebacks for errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    out.settings.verbose, out.settings.quiet, out.settings.debug = verbose, quiet, debug
+
+
+def _register() -> None:
+    # Command modules import only typer and stdlib at module level; heavy imports live in their bodies.
+    from llmkit.cli import generate, info, perplexity, tokenize
+
+    app.command("generate", epilog=generate.EXAMPLES)(generate.generate)
+    app.command("tokenize", epilog=tokenize.EXAMPLES)(tokenize.tokenize)
+    app.command("perplexity", epilog=perplexity.EXAMPLES)(perplexity.perplexity)
+    app.command("info", epilog=info.EXAMPLES)(info.info)
+
+
+_register()
+
+
+def main() -> None:
+    app(prog_name="llmkit")

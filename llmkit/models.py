@@ -1,0 +1,225 @@
+"""Find a model (local directory, built-in name, or hub id), check it is safe and usable, load it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llmkit.config import LoadConfig
+from llmkit.errors import ModelError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+CONFIG_FILE = "config.json"
+SAFETENSORS_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
+PICKLE_PATTERNS = ("pytorch_model*.bin", "pytorch_model.bin.index.json")
+# Everything a GPT-2-style checkpoint needs, and nothing else (no TF/Flax/ONNX copies).
+HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken", *SAFETENSORS_PATTERNS]
+NO_CACHE_HINT = "pass a local directory with --model, or connect once to download it"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are on disk, and how they were found."""
+
+    name: str
+    path: Path
+    origin: str  # "local directory" | "built-in" | "hub cache"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, with its tokenizer and placement."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+    dtype: torch.dtype
+    source: ModelSource
+
+    @property
+    def context(self) -> int:
+        return context_length(self.model.config)
+
+
+def context_length(config: Any) -> int:
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 1024
+
+
+def builtin_names() -> list[str]:
+    if not BUILTIN_DIR.is_dir():
+        return []
+    return sorted(p.name for p in BUILTIN_DIR.iterdir() if (p / CONFIG_FILE).is_file())
+
+
+def resolve(name: str, *, offline: bool = False, allow_pickle: bool = False) -> ModelSource:
+    """Map --model to a directory on disk: a local directory, a built-in model, or the hub cache."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        source = ModelSource(name, path.resolve(), "local directory")
+    elif name in builtin_names():
+        source = ModelSource(name, BUILTIN_DIR / name, "built-in")
+    elif path.exists():
+        raise ModelError(f"{name} is a file, not a model directory",
+                         "pass the directory that holds config.json and the weights")
+    else:
+        source = ModelSource(name, _from_hub(name, offline=offline, allow_pickle=allow_pickle), "hub cache")
+    check_model_dir(source.path, allow_pickle=allow_pickle, name=name)
+    return source
+
+
+def _from_hub(repo_id: str, *, offline: bool, allow_pickle: bool) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+    from huggingface_hub.utils import is_offline_mode
+
+    looks_like_path = repo_id.startswith((".", "/", "~")) or repo_id.count("/") > 1
+    if looks_like_path:
+        raise ModelError(f"{repo_id}: no such directory", "check the path, or pass a hub id such as gpt2")
+    patterns = HUB_PATTERNS + (list(PICKLE_PATTERNS) if allow_pickle else [])
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns,
+                                      local_files_only=offline or is_offline_mode()))
+    except LocalEntryNotFoundError:
+        raise ModelError(f"model {repo_id!r} is not in the local cache and the hub can't be reached",
+                         NO_CACHE_HINT) from None
+    except GatedRepoError:
+        raise ModelError(f"model {repo_id!r} is gated on the hub",
+                         "accept its terms on the hub and log in with `hf auth login`") from None
+    except RepositoryNotFoundError:
+        raise ModelError(f"no model {repo_id!r} on the hub (or it is private)",
+                         "check the name, or pass a local directory with --model") from None
+    except HFValidationError:
+        raise ModelError(f"{repo_id!r} is neither a directory nor a valid hub id",
+                         "pass a local model directory, a built-in name, or an id such as gpt2") from None
+    except OSError as exc:  # network trouble that did not fall back to the cache
+        raise ModelError(f"could not download {repo_id!r}: {exc}", NO_CACHE_HINT) from None
+
+
+def check_model_dir(path: Path, *, allow_pickle: bool, name: str | None = None) -> None:
+    """Refuse what we can't or shouldn't load before transformers gets a chance to fail obscurely."""
+    label = name or str(path)
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise ModelError(f"{label} is not a model directory: no {CONFIG_FILE}",
+                         "pass a directory saved with save_pretrained, a built-in name, or a hub id")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{label}: cannot read {CONFIG_FILE}: {exc}") from None
+    _check_causal(config, label)
+    has_safetensors = any(any(path.glob(p)) for p in SAFETENSORS_PATTERNS)
+    has_pickle = any(any(path.glob(p)) for p in PICKLE_PATTERNS)
+    if not has_safetensors:
+        if has_pickle and not allow_pickle:
+            raise ModelError(f"{label} has only pickle weights (.bin), which can run code when loaded",
+                             "convert it to safetensors, or pass --allow-pickle if you trust its source")
+        if not has_pickle:
+            raise ModelError(f"{label} has no weights (*.safetensors)",
+                             "save the model with save_pretrained, or pass another directory")
+    if not any((path / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer.model")):
+        raise ModelError(f"{label} has no tokenizer files (tokenizer.json, or vocab.json and merges.txt)",
+                         "save the tokenizer next to the model with tokenizer.save_pretrained(DIR)")
+
+
+def _check_causal(config: dict[str, Any], label: str) -> None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = config.get("model_type")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ModelError(f"{label} is a {model_type or 'unknown'} model, not a causal language model",
+                         "llmkit runs GPT-2-family (decoder-only) models such as gpt2 or distilgpt2")
+
+
+def pick_device(name: str) -> torch.device:
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ModelError(f"device {name} requested but CUDA is not available",
+                             "use --device cpu, or install a CUDA build of torch")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise ModelError(f"device {name} requested but only {torch.cuda.device_count()} GPU(s) exist",
+                             "pick an index below the GPU count")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ModelError("device mps requested but MPS is not available", "use --device cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    import torch
+
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def quiet_transformers(verbose: bool = False) -> None:
+    """transformers' own warnings and progress bars stay quiet (and on stderr) unless --verbose."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    if verbose:
+        hf_logging.set_verbosity_warning()
+    else:
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        disable_progress_bars()
+
+
+def load_tokenizer(path: Path, label: str) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelError(f"{label}: cannot load its tokenizer: {exc}",
+                         "save the tokenizer next to the model with tokenizer.save_pretrained(DIR)") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load(cfg: LoadConfig) -> LoadedModel:
+    """Resolve, check and load a model and its tokenizer onto the chosen device."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    source = resolve(cfg.model, offline=cfg.offline, allow_pickle=cfg.allow_pickle)
+    tokenizer = load_tokenizer(source.path, cfg.model)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path, dtype=dtype, local_files_only=True, trust_remote_code=False,
+            use_safetensors=None if cfg.allow_pickle else True,
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"{cfg.model}: cannot load the model: {exc}",
+                         "the weights may be incomplete or corrupt; save the model again") from None
+    model.to(device)
+    model.eval()
+    return LoadedModel(model, tokenizer, device, dtype, source)
