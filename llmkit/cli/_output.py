@@ -110,3 +110,7 @@ def progress(description: str, total: float | None, *, unit: str = "") -> Iterat
 def advance(bar: Progress | None, amount: float = 1) -> None:
     if bar is not None:
         bar.advance(bar.task_ids[0], amount)
+
+
+def flush() -> None:
+    sys.stdout.flush()

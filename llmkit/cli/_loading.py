@@ -1,0 +1,30 @@
+"""Loading a model for a command, with transformers kept quiet and the choice reported on -v."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from llmkit.cli import _output as out
+
+if TYPE_CHECKING:
+    from llmkit.config import LoadConfig
+    from llmkit.models import LoadedModel
+
+
+def load_model(cfg: LoadConfig) -> LoadedModel:
+    from llmkit.models import load, quiet_transformers
+
+    quiet_transformers(out.settings.verbose)
+    lm = load(cfg)
+    out.detail(f"model {lm.source.name} ({lm.source.origin}: {lm.source.path}) on {lm.device}, "
+               f"{str(lm.dtype).removeprefix('torch.')}")
+    return lm
+
+
+def load_tokenizer_only(cfg: LoadConfig):  # noqa: ANN201
+    """For commands that need no weights: resolve and check the model, load just its tokenizer."""
+    from llmkit.models import load_tokenizer, quiet_transformers, resolve
+
+    quiet_transformers(out.settings.verbose)
+    source = resolve(cfg.model, offline=cfg.offline, allow_pickle=cfg.allow_pickle)
+    return load_tokenizer(source.path, cfg.model)

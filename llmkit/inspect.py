@@ -1,0 +1,64 @@
+"""Facts about a model read from its files (config, safetensors headers), without loading weights."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+from llmkit.config import LoadConfig
+from llmkit.models import context_length, pick_device, pick_dtype, resolve
+
+SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    with path.open("rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(length))
+
+
+def weight_stats(directory: Path) -> tuple[int | None, str | None]:
+    """(parameter count, stored dtype) summed over safetensors files; tied weights are stored once."""
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        return None, None
+    count, dtypes = 0, set()
+    for file in files:
+        for name, entry in safetensors_header(file).items():
+            if name == "__metadata__":
+                continue
+            n = 1
+            for dim in entry["shape"]:
+                n *= dim
+            count += n
+            dtypes.add(SAFETENSORS_DTYPES.get(entry["dtype"], entry["dtype"].lower()))
+    return count, ", ".join(sorted(dtypes))
+
+
+def describe(cfg: LoadConfig) -> dict[str, Any]:
+    from transformers import AutoConfig
+
+    source = resolve(cfg.model, offline=cfg.offline, allow_pickle=cfg.allow_pickle)
+    config = AutoConfig.from_pretrained(source.path, local_files_only=True, trust_remote_code=False)
+    device = pick_device(cfg.device)
+    parameters, stored = weight_stats(source.path)
+    size = sum(p.stat().st_size for p in source.path.iterdir() if p.is_file())
+    return {
+        "model": cfg.model,
+        "architecture": (config.architectures or [config.model_type])[0],
+        "model_type": config.model_type,
+        "parameters": parameters,
+        "layers": getattr(config, "n_layer", getattr(config, "num_hidden_layers", None)),
+        "heads": getattr(config, "n_head", getattr(config, "num_attention_heads", None)),
+        "embedding_width": getattr(config, "n_embd", getattr(config, "hidden_size", None)),
+        "context": context_length(config),
+        "vocab_size": config.vocab_size,
+        "stored_dtype": stored,
+        "dtype": str(pick_dtype(cfg.dtype, device)).removeprefix("torch."),
+        "size_on_disk": size,
+        "source": source.origin,
+        "path": str(source.path),
+        "device": str(device),
+    }

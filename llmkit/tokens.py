@@ -1,0 +1,76 @@
+"""Tokenizing text streams of any size without holding them as one string."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+CHUNK_CHARS = 1 << 20
+BATCH_CHUNKS = 8
+
+
+def splits_safely(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether cutting text at a lone newline between two non-space characters leaves the ids unchanged.
+
+    True for GPT-2's byte-level pre-tokenizer (its regex never joins across such a newline). For
+    anything else we don't know the rules, so the text is tokenized whole.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.normalizer is not None:
+        return False
+    pre = json.loads(backend.to_str()).get("pre_tokenizer") or {}
+    kinds = [p.get("type") for p in pre.get("pretokenizers", [pre])]
+    return kinds == ["ByteLevel"] and pre.get("use_regex", True) in (True, None)
+
+
+def _cut(text: str) -> int:
+    """The last offset where a chunk may end: just after a newline that has non-space on both sides."""
+    pos = len(text) - 1
+    while True:
+        pos = text.rfind("\n", 0, pos)
+        if pos <= 0:
+            return -1
+        if pos + 1 < len(text) and not text[pos - 1].isspace() and not text[pos + 1].isspace():
+            return pos + 1
+        pos -= 1 if pos > 0 else 0
+
+
+def iter_pieces(stream: TextIO, chunk_chars: int = CHUNK_CHARS, whole: bool = False) -> Iterator[str]:
+    """Consecutive pieces of `stream` that tokenize, one by one, exactly like the whole text."""
+    pending = ""
+    while True:
+        block = stream.read(chunk_chars)
+        if not block:
+            break
+        pending += block
+        if whole or len(pending) < chunk_chars:
+            continue
+        cut = _cut(pending)
+        if cut > 0:
+            yield pending[:cut]
+            pending = pending[cut:]
+    if pending:
+        yield pending
+
+
+def iter_ids(tokenizer: PreTrainedTokenizerBase, stream: TextIO, chunk_chars: int = CHUNK_CHARS,
+             ) -> Iterator[tuple[list[int], str]]:
+    """(ids, text) per piece of the stream, tokenized in batches through the fast tokenizer."""
+    whole = not splits_safely(tokenizer)
+    batch: list[str] = []
+    for piece in iter_pieces(stream, chunk_chars, whole=whole):
+        batch.append(piece)
+        if len(batch) >= BATCH_CHUNKS:
+            yield from _encode(tokenizer, batch)
+            batch = []
+    if batch:
+        yield from _encode(tokenizer, batch)
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, batch: list[str]) -> Iterator[tuple[list[int], str]]:
+    encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
+    yield from zip(encoded, batch, strict=True)
