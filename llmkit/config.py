@@ -101,6 +101,9 @@ class GenerateConfig:
         _check(self.repetition_penalty > 0, "--repetition-penalty must be positive", "1.0 disables it")
         _check(self.no_repeat_ngram_size >= 0, "--no-repeat-ngram-size must be 0 or more")
         _check(self.num_samples >= 1, "--num-samples must be at least 1")
+        _check(self.num_samples == 1 or self.do_sample,
+               "greedy decoding gives the same text for every sample",
+               "sample with --temperature above 0 (and no --greedy), or use -s 1")
         _check(self.batch_size is None or self.batch_size >= 1, "--batch-size must be at least 1")
         _check(all(self.stop), "--stop cannot be empty")
         _check(self.truncate in ("left", "error"), "--truncate must be left or error")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Annotated, Any
 
@@ -14,6 +15,7 @@ from llmkit.cli import _output as out
 from llmkit.errors import LlmkitError
 
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for `yes | head`
 
 
 class LlmkitGroup(TyperGroup):
@@ -32,6 +34,26 @@ class LlmkitGroup(TyperGroup):
                 raise
             sys.stderr.write("Interrupted.\n")
             raise typer.Exit(EXIT_INTERRUPTED) from None
+        except BrokenPipeError:
+            # The reader went away (`| head`): stop quietly, and keep the final flush from complaining.
+            _silence_stdout()
+            raise typer.Exit(EXIT_BROKEN_PIPE) from None
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            if out.debug_enabled():
+                raise
+            out.error(LlmkitError(f"unexpected {type(exc).__name__}: {exc}",
+                                  "this is probably a bug in llmkit: rerun with --debug and report the traceback"))
+            raise typer.Exit(1) from None
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass  # not a real file descriptor (e.g. under a test runner)
 
 
 app = typer.Typer(

@@ -105,8 +105,6 @@ def generate(
 
     gen = Generator(load_model(load_cfg), cfg, warn=out.warn)
     out.detail(f"seed {gen.seed}")
-    if cfg.num_samples > 1 and not cfg.do_sample:
-        out.warn("greedy decoding gives the same text for every sample")
     started = time.perf_counter()
 
     def emit(sample) -> None:  # noqa: ANN001

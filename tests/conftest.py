@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny GPT-2 built once per session, offline mode, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from llmkit.testing import build_tiny_model
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # An accidental download must fail loudly, and no test may touch the user's cache.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.delenv("LLMKIT_MODEL", raising=False)
+    monkeypatch.delenv("LLMKIT_DEBUG", raising=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2 layers, 64 dims, context 128, a byte-level BPE of ~400 tokens; random weights."""
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture
+def cli(runner: CliRunner):  # noqa: ANN201
+    """Invoke the real CLI in-process; stdout and stderr are kept apart."""
+    from llmkit.cli import _output
+    from llmkit.cli.app import app
+
+    def invoke(*args: str, input: str | None = None):  # noqa: A002, ANN202
+        _output.settings.__init__()  # global flags from an earlier invocation must not leak
+        return runner.invoke(app, [str(a) for a in args], input=input)
+
+    return invoke
+
+
+def run_llmkit(*args: str, input: str | None = None, env: dict[str, str] | None = None,
+               timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """The CLI as a real subprocess (pipes, signals, start-up)."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "llmkit", *map(str, args)], input=input,
+                          capture_output=True, text=True, env=full_env, timeout=timeout)
