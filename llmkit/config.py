@@ -128,6 +128,6 @@ class PerplexityConfig:
         _check(self.context is None or self.context >= 2, "--context must be at least 2")
         _check(self.stride is None or self.stride >= 1, "--stride must be at least 1")
         if self.context is not None and self.stride is not None:
-            _check(self.stride <= self.context, "--stride cannot exceed --context",
-                   "every token must fall inside some window")
+            _check(self.stride < self.context, "--stride must be smaller than --context",
+                   "windows must overlap by at least one token so every token is scored with context")
         _check(self.batch_size >= 1, "--batch-size must be at least 1")

@@ -78,14 +78,13 @@ def resolve(name: str, *, offline: bool = False, allow_pickle: bool = False) -> 
 
 
 def _from_hub(repo_id: str, *, offline: bool, allow_pickle: bool) -> Path:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
         HFValidationError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
     )
-    from huggingface_hub.utils import is_offline_mode
 
     looks_like_path = repo_id.startswith((".", "/", "~")) or repo_id.count("/") > 1
     if looks_like_path:
@@ -93,7 +92,7 @@ def _from_hub(repo_id: str, *, offline: bool, allow_pickle: bool) -> Path:
     patterns = HUB_PATTERNS + (list(PICKLE_PATTERNS) if allow_pickle else [])
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns,
-                                      local_files_only=offline or is_offline_mode()))
+                                      local_files_only=offline or constants.is_offline_mode()))
     except LocalEntryNotFoundError:
         raise ModelError(f"model {repo_id!r} is not in the local cache and the hub can't be reached",
                          NO_CACHE_HINT) from None

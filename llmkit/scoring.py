@@ -52,7 +52,10 @@ class Score:
 
 
 def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
-    """(begin, end, first_scored) for each window; scored positions are [first_scored, end)."""
+    """(begin, end, first_scored) for each window; scored positions are [first_scored, end).
+
+    Needs stride < context, so each window starts before the first token it scores.
+    """
     spans, prev_end, begin = [], 1, 0
     while prev_end < n_tokens:
         end = min(begin + context, n_tokens)
@@ -69,8 +72,9 @@ def resolve_window(lm: LoadedModel, cfg: PerplexityConfig) -> tuple[int, int]:
         raise UsageError(f"--context {context} exceeds the model's context of {lm.context}",
                          f"use at most {lm.context}")
     stride = cfg.stride or max(1, context // 2)
-    if stride > context:
-        raise UsageError(f"--stride {stride} exceeds the window of {context} tokens")
+    if stride >= context:
+        raise UsageError(f"--stride {stride} must be smaller than the window of {context} tokens",
+                         "windows must overlap by at least one token so every token is scored with context")
     return context, stride
 
 

@@ -18,6 +18,10 @@ def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # An accidental download must fail loudly, and no test may touch the user's cache.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    import huggingface_hub.constants
+
+    # The hub client reads its cache location at import; keep in-process tests out of ~/.cache too.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
     monkeypatch.delenv("LLMKIT_MODEL", raising=False)
     monkeypatch.delenv("LLMKIT_DEBUG", raising=False)
 

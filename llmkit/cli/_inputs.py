@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from collections.abc import Iterator
@@ -20,14 +21,21 @@ def text_argument(words: list[str] | None, what: str) -> str:
     if words and words != ["-"]:
         return " ".join(words)
     if words == ["-"] or not stdin_is_terminal():
-        return sys.stdin.read()
+        try:
+            return open_text("-").read()
+        except UnicodeDecodeError as exc:
+            raise InputError(f"stdin is not valid UTF-8 (byte {exc.start})", "convert it to UTF-8") from None
     raise UsageError(f"no {what} given", f"pass it as arguments, or pipe it in: echo 'text' | llmkit ... -")
 
 
 def open_text(path: str, errors: str = "strict") -> TextIO:
     """A UTF-8 text stream for a path or `-`, with llmkit errors for the usual problems."""
     if path == "-":
-        return sys.stdin
+        # Bytes as they are: UTF-8 whatever the locale, and no newline translation (\r\n stays).
+        buffer = getattr(sys.stdin, "buffer", None)
+        if buffer is None:
+            return sys.stdin
+        return io.TextIOWrapper(buffer, encoding="utf-8", errors=errors, newline="")
     p = Path(path)
     if p.is_dir():
         raise InputError(f"{path} is a directory", "pass a text file")
@@ -70,7 +78,7 @@ def read_prompts(path: str, fmt: str = "auto") -> Iterator[tuple[Any, str]]:
                                  'each line must be an object like {"id": 1, "prompt": "..."}')
             yield Prompt(obj.get("id", number), obj["prompt"])
     finally:
-        if stream is not sys.stdin:
+        if path != "-":
             stream.close()
 
 

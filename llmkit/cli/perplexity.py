@@ -52,6 +52,9 @@ def perplexity(
     load_cfg = load_config(model, device, dtype, offline, allow_pickle)
     streams = [(path, open_text(path)) for path in files]  # fail on a bad path before loading the model
     lm = load_model(load_cfg)
+    from llmkit.scoring import resolve_window
+
+    resolve_window(lm, cfg)  # a bad --context or --stride fails before any reading
     if per_line:
         _per_line(lm, streams, cfg)
         return
