@@ -6,7 +6,6 @@ import os
 import sys
 from typing import Annotated, Any
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -21,7 +20,7 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for `yes | head`
 class LlmkitGroup(TyperGroup):
     """Maps llmkit errors and Ctrl-C to a message and an exit code; tracebacks only with --debug."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: typer.Context) -> Any:
         try:
             return super().invoke(ctx)
         except LlmkitError as exc:
@@ -38,7 +37,7 @@ class LlmkitGroup(TyperGroup):
             # The reader went away (`| head`): stop quietly, and keep the final flush from complaining.
             _silence_stdout()
             raise typer.Exit(EXIT_BROKEN_PIPE) from None
-        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+        except (typer.TyperException, typer.Exit, typer.Abort):
             raise
         except Exception as exc:
             if out.debug_enabled():
