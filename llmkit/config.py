@@ -85,14 +85,17 @@ class GenerateConfig:
 
     def __post_init__(self) -> None:
         if self.max_length is None:
-            _check(self.max_new_tokens is not None and self.max_new_tokens >= 1,
-                   "--max-new-tokens must be at least 1")
+            _check(
+                self.max_new_tokens is not None and self.max_new_tokens >= 1,
+                "--max-new-tokens must be at least 1",
+            )
         else:
             _check(self.max_length >= 2, "--max-length must be at least 2")
         _check(self.min_new_tokens >= 0, "--min-new-tokens must be 0 or more")
         if self.max_length is None and self.max_new_tokens is not None:
-            _check(self.min_new_tokens <= self.max_new_tokens,
-                   "--min-new-tokens cannot exceed --max-new-tokens")
+            _check(
+                self.min_new_tokens <= self.max_new_tokens, "--min-new-tokens cannot exceed --max-new-tokens"
+            )
         _check(self.temperature >= 0, "--temperature must be 0 or more", "0 means greedy decoding")
         _check(self.top_k >= 0, "--top-k must be 0 or more", "0 disables top-k filtering")
         _check(0 < self.top_p <= 1, "--top-p must be in (0, 1]")
@@ -101,9 +104,11 @@ class GenerateConfig:
         _check(self.repetition_penalty > 0, "--repetition-penalty must be positive", "1.0 disables it")
         _check(self.no_repeat_ngram_size >= 0, "--no-repeat-ngram-size must be 0 or more")
         _check(self.num_samples >= 1, "--num-samples must be at least 1")
-        _check(self.num_samples == 1 or self.do_sample,
-               "greedy decoding gives the same text for every sample",
-               "sample with --temperature above 0 (and no --greedy), or use -s 1")
+        _check(
+            self.num_samples == 1 or self.do_sample,
+            "greedy decoding gives the same text for every sample",
+            "sample with --temperature above 0 (and no --greedy), or use -s 1",
+        )
         _check(self.batch_size is None or self.batch_size >= 1, "--batch-size must be at least 1")
         _check(all(self.stop), "--stop cannot be empty")
         _check(self.truncate in ("left", "error"), "--truncate must be left or error")
@@ -128,6 +133,9 @@ class PerplexityConfig:
         _check(self.context is None or self.context >= 2, "--context must be at least 2")
         _check(self.stride is None or self.stride >= 1, "--stride must be at least 1")
         if self.context is not None and self.stride is not None:
-            _check(self.stride < self.context, "--stride must be smaller than --context",
-                   "windows must overlap by at least one token so every token is scored with context")
+            _check(
+                self.stride < self.context,
+                "--stride must be smaller than --context",
+                "windows must overlap by at least one token so every token is scored with context",
+            )
         _check(self.batch_size >= 1, "--batch-size must be at least 1")

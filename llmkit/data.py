@@ -105,8 +105,10 @@ def _decode(data: bytes, errors: str, stats: ReadStats) -> str:
 
 
 def _strict_error(label: str, offset: int) -> InputError:
-    return InputError(f"{label}: invalid UTF-8 at byte {offset}",
-                      "convert the file to UTF-8, or let invalid bytes be replaced (the default)")
+    return InputError(
+        f"{label}: invalid UTF-8 at byte {offset}",
+        "convert the file to UTF-8, or let invalid bytes be replaced (the default)",
+    )
 
 
 class _TextReader:
@@ -124,7 +126,7 @@ class _TextReader:
             data = self.raw.read(max(size, 4))
             self.stats.bytes += len(data)
             if self.offset == 0 and data.startswith(_BOM):
-                data, self.offset = data[len(_BOM):], len(_BOM)
+                data, self.offset = data[len(_BOM) :], len(_BOM)
             buffered = len(self.decoder.getstate()[0])
             before = _invalid_so_far()
             try:
@@ -138,6 +140,7 @@ class _TextReader:
 
 
 # -- Finding the inputs ----------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class _Source:
@@ -154,8 +157,9 @@ def _patterns(glob: str | Sequence[str] | None) -> tuple[str, ...]:
     return (glob,) if isinstance(glob, str) else tuple(glob)
 
 
-def _resolve(paths: str | os.PathLike | Sequence[str | os.PathLike],
-             glob: str | Sequence[str] | None) -> list[_Source]:
+def _resolve(
+    paths: str | os.PathLike | Sequence[str | os.PathLike], glob: str | Sequence[str] | None
+) -> list[_Source]:
     """The input files, in order: each path as given, each directory's matching files sorted by path."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -169,14 +173,21 @@ def _resolve(paths: str | os.PathLike | Sequence[str | os.PathLike],
         path = Path(given)
         if path.is_dir():
             patterns = _patterns(glob)
-            found = {f for pattern in patterns for f in (path.glob(pattern) if "/" in pattern
-                                                         else path.rglob(pattern))}
+            found = {
+                f
+                for pattern in patterns
+                for f in (path.glob(pattern) if "/" in pattern else path.rglob(pattern))
+            }
             # An empty file found in a directory is skipped; one named explicitly is an error.
-            files = sorted((f for f in found if f.is_file() and f.stat().st_size > 0),
-                           key=lambda f: f.relative_to(path).as_posix())
+            files = sorted(
+                (f for f in found if f.is_file() and f.stat().st_size > 0),
+                key=lambda f: f.relative_to(path).as_posix(),
+            )
             if not files:
-                raise InputError(f"{given}: no text files matching {' '.join(patterns)}",
-                                 "pass the files themselves, or a glob pattern that matches them")
+                raise InputError(
+                    f"{given}: no text files matching {' '.join(patterns)}",
+                    "pass the files themselves, or a glob pattern that matches them",
+                )
             sources += [_Source(str(f), f, f.suffix.lower() == ".jsonl") for f in files]
         elif path.exists():
             sources.append(_Source(given, path, path.suffix.lower() == ".jsonl"))
@@ -217,8 +228,15 @@ def _close(raw: IO[bytes], source: _Source) -> None:
 
 # -- Reading documents -----------------------------------------------------------------------------
 
-def _items(source: _Source, *, text_field: str, errors: str, stats: ReadStats, whole: bool = False,
-           ) -> Iterator[tuple[str, bool]]:
+
+def _items(
+    source: _Source,
+    *,
+    text_field: str,
+    errors: str,
+    stats: ReadStats,
+    whole: bool = False,
+) -> Iterator[tuple[str, bool]]:
     """(text, ends_document) for each piece of a plain-text source, or each record of a JSONL one."""
     raw = _open(source)
     try:
@@ -248,7 +266,7 @@ def _records(raw: IO[bytes], label: str, text_field: str, errors: str, stats: Re
         offset += len(line)
         stats.bytes += len(line)
         if number == 1 and line.startswith(_BOM):
-            line, start = line[len(_BOM):], start + len(_BOM)
+            line, start = line[len(_BOM) :], start + len(_BOM)
         try:
             text = _decode(line, "strict" if errors == "strict" else _COUNTING, stats)
         except UnicodeDecodeError as exc:
@@ -273,8 +291,10 @@ def _records(raw: IO[bytes], label: str, text_field: str, errors: str, stats: Re
                 value.encode("utf-8")
             except UnicodeEncodeError as exc:
                 if errors == "strict":
-                    raise InputError(f'{label}:{number}: "{text_field}" has a lone surrogate '
-                                     f"(character {exc.start})", "fix the \\u escape") from None
+                    raise InputError(
+                        f'{label}:{number}: "{text_field}" has a lone surrogate (character {exc.start})',
+                        "fix the \\u escape",
+                    ) from None
                 value = _decode(value.encode("utf-8", "surrogatepass"), _COUNTING, stats)
         if value:
             yield value
@@ -282,9 +302,14 @@ def _records(raw: IO[bytes], label: str, text_field: str, errors: str, stats: Re
         raise InputError(f"{label}: no JSON records", hint)
 
 
-def read_documents(paths: str | Sequence[str], *, text_field: str = "text",
-                   glob: str | Sequence[str] | None = None, errors: str = "replace",
-                   stats: ReadStats | None = None) -> Iterator[str]:
+def read_documents(
+    paths: str | Sequence[str],
+    *,
+    text_field: str = "text",
+    glob: str | Sequence[str] | None = None,
+    errors: str = "replace",
+    stats: ReadStats | None = None,
+) -> Iterator[str]:
     """The texts of the documents in `paths`, in the order `prepare` uses (e.g. to train a BPE on them).
 
     A JSONL record comes whole; a plain-text file may come as several consecutive pieces, cut at line
@@ -300,6 +325,7 @@ def read_documents(paths: str | Sequence[str], *, text_field: str = "text",
 
 
 # -- The tokenizer, seen from the cache's side -----------------------------------------------------
+
 
 def token_dtype(vocab_size: int) -> str:
     """The numpy dtype that stores ids below `vocab_size`: uint16 up to 65535 entries, else uint32."""
@@ -320,19 +346,24 @@ class _TokenizerSpec:
 def _tokenizer_spec(tokenizer: PreTrainedTokenizerBase) -> _TokenizerSpec:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise ModelError("preparing data needs a fast tokenizer (one with a tokenizer.json)",
-                         "save the tokenizer with a recent transformers, or train one with llmkit")
+        raise ModelError(
+            "preparing data needs a fast tokenizer (one with a tokenizer.json)",
+            "save the tokenizer with a recent transformers, or train one with llmkit",
+        )
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise ModelError("the tokenizer has no end-of-text token to put between documents",
-                         "set tokenizer.eos_token, e.g. <|endoftext|>")
+        raise ModelError(
+            "the tokenizer has no end-of-text token to put between documents",
+            "set tokenizer.eos_token, e.g. <|endoftext|>",
+        )
     spec = json.loads(backend.to_str())
     spec["truncation"] = spec["padding"] = None
     text = json.dumps(spec, sort_keys=True, ensure_ascii=False)
     vocab = backend.get_vocab(with_added_tokens=True)
     size = max(len(tokenizer), max(vocab.values(), default=0) + 1, eos + 1)
-    return _TokenizerSpec(text, hashlib.sha256(text.encode()).hexdigest(), eos, token_dtype(size),
-                          splits_safely(tokenizer))
+    return _TokenizerSpec(
+        text, hashlib.sha256(text.encode()).hexdigest(), eos, token_dtype(size), splits_safely(tokenizer)
+    )
 
 
 class _Encoder:
@@ -370,8 +401,11 @@ def _work(texts: list[str], ends: list[bool]) -> np.ndarray:
     return _worker(texts, ends)
 
 
-def _encoded(jobs: Iterator[tuple[list[str], list[bool], int]], spec: _TokenizerSpec, num_proc: int,
-             ) -> Iterator[tuple[np.ndarray, int]]:
+def _encoded(
+    jobs: Iterator[tuple[list[str], list[bool], int]],
+    spec: _TokenizerSpec,
+    num_proc: int,
+) -> Iterator[tuple[np.ndarray, int]]:
     """(ids, bytes done) per job, in job order, encoded here or by `num_proc` worker processes."""
     args = (spec.json, spec.eos, spec.dtype)
     if num_proc == 1:
@@ -395,6 +429,7 @@ def _encoded(jobs: Iterator[tuple[list[str], list[bool], int]], spec: _Tokenizer
 
 
 # -- The token cache ---------------------------------------------------------------------------------
+
 
 def default_cache_dir() -> Path:
     """`$LLMKIT_CACHE/tokens`, else `$XDG_CACHE_HOME/llmkit/tokens`, else `~/.cache/llmkit/tokens`."""
@@ -475,8 +510,16 @@ def _spool_stdin(directory: Path) -> Path:
     return Path(name)
 
 
-def _plan(paths: str | Sequence[str], spec: _TokenizerSpec, *, text_field: str, glob: Any, errors: str,
-          spool_dir: Path, spooled: dict[str, Path]) -> _Plan:
+def _plan(
+    paths: str | Sequence[str],
+    spec: _TokenizerSpec,
+    *,
+    text_field: str,
+    glob: Any,
+    errors: str,
+    spool_dir: Path,
+    spooled: dict[str, Path],
+) -> _Plan:
     sources = _resolve(paths, glob)
     for i, source in enumerate(sources):
         if source.path is None:  # stdin is read once, however often `-` is given
@@ -491,8 +534,10 @@ def _plan(paths: str | Sequence[str], spec: _TokenizerSpec, *, text_field: str, 
         "dtype": spec.dtype,
         "errors": errors,
         "text_field": text_field if any(s.jsonl for s in sources) else None,
-        "inputs": [["jsonl" if s.jsonl else "text", size, digest]
-                   for s, (size, digest) in zip(sources, hashed, strict=True)],
+        "inputs": [
+            ["jsonl" if s.jsonl else "text", size, digest]
+            for s, (size, digest) in zip(sources, hashed, strict=True)
+        ],
     }
     fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
     return _Plan(sources, [size for size, _ in hashed], fingerprint)
@@ -505,24 +550,41 @@ def _load_cached(directory: Path, fingerprint: str) -> TokenData | None:
     try:
         meta = json.loads((directory / f"{fingerprint}.json").read_text(encoding="utf-8"))
         path = directory / f"{fingerprint}.bin"
-        if (meta.get("version") != CACHE_VERSION or meta.get("fingerprint") != fingerprint
-                or path.stat().st_size != meta["tokens"] * np.dtype(meta["dtype"]).itemsize
-                or meta["tokens"] <= 0):
+        if (
+            meta.get("version") != CACHE_VERSION
+            or meta.get("fingerprint") != fingerprint
+            or path.stat().st_size != meta["tokens"] * np.dtype(meta["dtype"]).itemsize
+            or meta["tokens"] <= 0
+        ):
             return None
-        return TokenData(path, meta["dtype"], meta["tokens"], meta["documents"], meta["bytes"],
-                         meta["invalid_bytes"], fingerprint, cache_hit=True)
+        return TokenData(
+            path,
+            meta["dtype"],
+            meta["tokens"],
+            meta["documents"],
+            meta["bytes"],
+            meta["invalid_bytes"],
+            fingerprint,
+            cache_hit=True,
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def _jobs(plan: _Plan, spec: _TokenizerSpec, text_field: str, errors: str, stats: ReadStats,
-          ) -> Iterator[tuple[list[str], list[bool], int]]:
+def _jobs(
+    plan: _Plan,
+    spec: _TokenizerSpec,
+    text_field: str,
+    errors: str,
+    stats: ReadStats,
+) -> Iterator[tuple[list[str], list[bool], int]]:
     texts: list[str] = []
     ends: list[bool] = []
     chars = 0
     for source in plan.sources:
-        for text, end in _items(source, text_field=text_field, errors=errors, stats=stats,
-                                whole=not spec.split):
+        for text, end in _items(
+            source, text_field=text_field, errors=errors, stats=stats, whole=not spec.split
+        ):
             texts.append(text)
             ends.append(end)
             chars += len(text)
@@ -533,8 +595,16 @@ def _jobs(plan: _Plan, spec: _TokenizerSpec, text_field: str, errors: str, stats
         yield texts, ends, stats.bytes
 
 
-def _write(plan: _Plan, spec: _TokenizerSpec, directory: Path, *, text_field: str, errors: str,
-           num_proc: int, progress: Callable[[int], None]) -> TokenData:
+def _write(
+    plan: _Plan,
+    spec: _TokenizerSpec,
+    directory: Path,
+    *,
+    text_field: str,
+    errors: str,
+    num_proc: int,
+    progress: Callable[[int], None],
+) -> TokenData:
     """Tokenize `plan` into `directory`/<fingerprint>.bin (+ .json), atomically."""
     stats, tokens = ReadStats(), 0
     path = directory / f"{plan.fingerprint}.bin"
@@ -554,9 +624,17 @@ def _write(plan: _Plan, spec: _TokenizerSpec, directory: Path, *, text_field: st
             raise InputError(f"no text in {labels}", "every JSONL record's text is empty")
         sidecar.unlink(missing_ok=True)
         os.replace(tmp, path)
-        meta = {"version": CACHE_VERSION, "fingerprint": plan.fingerprint, "dtype": spec.dtype,
-                "tokens": tokens, "documents": stats.documents, "bytes": stats.bytes,
-                "invalid_bytes": stats.invalid_bytes, "tokenizer": spec.digest, "eos": spec.eos}
+        meta = {
+            "version": CACHE_VERSION,
+            "fingerprint": plan.fingerprint,
+            "dtype": spec.dtype,
+            "tokens": tokens,
+            "documents": stats.documents,
+            "bytes": stats.bytes,
+            "invalid_bytes": stats.invalid_bytes,
+            "tokenizer": spec.digest,
+            "eos": spec.eos,
+        }
         fd, tmp_name = tempfile.mkstemp(prefix=f"{plan.fingerprint}.", suffix=".tmp", dir=directory)
         tmp = Path(tmp_name)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -564,8 +642,16 @@ def _write(plan: _Plan, spec: _TokenizerSpec, directory: Path, *, text_field: st
         os.replace(tmp, sidecar)
     finally:
         tmp.unlink(missing_ok=True)
-    return TokenData(path, spec.dtype, tokens, stats.documents, stats.bytes, stats.invalid_bytes,
-                     plan.fingerprint, cache_hit=False)
+    return TokenData(
+        path,
+        spec.dtype,
+        tokens,
+        stats.documents,
+        stats.bytes,
+        stats.invalid_bytes,
+        plan.fingerprint,
+        cache_hit=False,
+    )
 
 
 def _work_dir(cache_dir: str | os.PathLike | None, no_cache: bool) -> tuple[Path, bool]:
@@ -580,12 +666,15 @@ def _work_dir(cache_dir: str | os.PathLike | None, no_cache: bool) -> tuple[Path
         base.mkdir(parents=True, exist_ok=True)
         return base, False
     except OSError as exc:
-        raise OutputError(f"cannot create the token cache {base}: {exc.strerror or exc}",
-                          "pass another cache directory, or set LLMKIT_CACHE") from None
+        raise OutputError(
+            f"cannot create the token cache {base}: {exc.strerror or exc}",
+            "pass another cache directory, or set LLMKIT_CACHE",
+        ) from None
 
 
-def _check_options(*, errors: str, text_field: str, num_proc: int = 1, block_size: int = 1,
-                   val_split: float = 0.0) -> None:
+def _check_options(
+    *, errors: str, text_field: str, num_proc: int = 1, block_size: int = 1, val_split: float = 0.0
+) -> None:
     def check(ok: bool, message: str, hint: str | None = None) -> None:
         if not ok:
             raise UsageError(message, hint)
@@ -606,8 +695,16 @@ def _remove_temporary(path: Path) -> None:
 class _Run:
     """Where one call writes, the stdin it spooled, and one progress total over all it tokenizes."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, cache_dir: str | os.PathLike | None,
-                 no_cache: bool, on_progress: ProgressFn | None, *, text_field: str, errors: str) -> None:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        cache_dir: str | os.PathLike | None,
+        no_cache: bool,
+        on_progress: ProgressFn | None,
+        *,
+        text_field: str,
+        errors: str,
+    ) -> None:
         self.spec = _tokenizer_spec(tokenizer)
         self.directory, self.temporary = _work_dir(cache_dir, no_cache)
         self.on_progress = on_progress
@@ -615,8 +712,9 @@ class _Run:
         self.spooled: dict[str, Path] = {}
 
     def plan(self, paths: str | Sequence[str], glob: str | Sequence[str] | None) -> _Plan:
-        return _plan(paths, self.spec, glob=glob, spool_dir=self.directory, spooled=self.spooled,
-                     **self.options)
+        return _plan(
+            paths, self.spec, glob=glob, spool_dir=self.directory, spooled=self.spooled, **self.options
+        )
 
     def tokenize(self, plans: list[_Plan], num_proc: int) -> list[TokenData]:
         """Each plan's TokenData: from the cache when there, else tokenized now."""
@@ -633,8 +731,9 @@ class _Run:
         results = []
         for plan, hit in zip(plans, cached, strict=True):
             if hit is None:
-                hit = _write(plan, self.spec, self.directory, num_proc=num_proc, progress=progress,
-                             **self.options)
+                hit = _write(
+                    plan, self.spec, self.directory, num_proc=num_proc, progress=progress, **self.options
+                )
                 done_before += plan.bytes
                 if self.temporary:  # the file lives as long as its TokenData, or until close()
                     hit.temporary = True
@@ -649,10 +748,19 @@ class _Run:
             shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def _tokenize_all(paths: str | Sequence[str], extra: list[str], tokenizer: PreTrainedTokenizerBase, *,
-                  text_field: str, glob: str | Sequence[str] | None, errors: str, num_proc: int,
-                  cache_dir: str | os.PathLike | None, no_cache: bool, on_progress: ProgressFn | None,
-                  ) -> list[TokenData]:
+def _tokenize_all(
+    paths: str | Sequence[str],
+    extra: list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    text_field: str,
+    glob: str | Sequence[str] | None,
+    errors: str,
+    num_proc: int,
+    cache_dir: str | os.PathLike | None,
+    no_cache: bool,
+    on_progress: ProgressFn | None,
+) -> list[TokenData]:
     """TokenData for `paths`, then for each path in `extra` (each its own corpus)."""
     run = _Run(tokenizer, cache_dir, no_cache, on_progress, text_field=text_field, errors=errors)
     ok = False
@@ -665,10 +773,18 @@ def _tokenize_all(paths: str | Sequence[str], extra: list[str], tokenizer: PreTr
         run.finish(ok)
 
 
-def tokenize(paths: str | Sequence[str], tokenizer: PreTrainedTokenizerBase, *, text_field: str = "text",
-             glob: str | Sequence[str] | None = None, errors: str = "replace", num_proc: int = 1,
-             cache_dir: str | os.PathLike | None = None, no_cache: bool = False,
-             on_progress: ProgressFn | None = None) -> TokenData:
+def tokenize(
+    paths: str | Sequence[str],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    text_field: str = "text",
+    glob: str | Sequence[str] | None = None,
+    errors: str = "replace",
+    num_proc: int = 1,
+    cache_dir: str | os.PathLike | None = None,
+    no_cache: bool = False,
+    on_progress: ProgressFn | None = None,
+) -> TokenData:
     """Tokenize `paths` into the cache (or find them there) and describe the ids.
 
     `errors="replace"` turns invalid UTF-8 into U+FFFD and counts the bytes; `"strict"` raises
@@ -679,12 +795,22 @@ def tokenize(paths: str | Sequence[str], tokenizer: PreTrainedTokenizerBase, *, 
     called while tokenizing (not on a cache hit).
     """
     _check_options(errors=errors, text_field=text_field, num_proc=num_proc)
-    return _tokenize_all(paths, [], tokenizer, text_field=text_field, glob=glob, errors=errors,
-                         num_proc=num_proc, cache_dir=cache_dir, no_cache=no_cache,
-                         on_progress=on_progress)[0]
+    return _tokenize_all(
+        paths,
+        [],
+        tokenizer,
+        text_field=text_field,
+        glob=glob,
+        errors=errors,
+        num_proc=num_proc,
+        cache_dir=cache_dir,
+        no_cache=no_cache,
+        on_progress=on_progress,
+    )[0]
 
 
 # -- Blocks ------------------------------------------------------------------------------------------
+
 
 @dataclass(eq=False)
 class Blocks:
@@ -705,7 +831,7 @@ class Blocks:
         import numpy as np
 
         start = int(self.indices[i]) * self.block_size
-        return np.array(self.ids()[start:start + self.block_size], dtype=np.int64)
+        return np.array(self.ids()[start : start + self.block_size], dtype=np.int64)
 
     def batch(self, items: Sequence[int]) -> np.ndarray:
         """Blocks `items` stacked: int64, shape (len(items), block_size)."""
@@ -740,6 +866,7 @@ def collate(blocks: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
 
 
 # -- Putting it together -----------------------------------------------------------------------------
+
 
 @dataclass(eq=False)
 class PreparedData:
@@ -810,15 +937,28 @@ def split_blocks(n_blocks: int, val_split: float, seed: int) -> tuple[np.ndarray
 
 
 def _too_small(what: str, data: TokenData, block_size: int) -> InputError:
-    return InputError(f"{what} has {data.tokens} tokens, fewer than one block of {block_size}",
-                      f"lower --block-size (at most {data.tokens}), or add more text")
+    return InputError(
+        f"{what} has {data.tokens} tokens, fewer than one block of {block_size}",
+        f"lower --block-size (at most {data.tokens}), or add more text",
+    )
 
 
-def prepare(paths: str | Sequence[str], tokenizer: PreTrainedTokenizerBase, *, block_size: int,
-            val_file: str | None = None, val_split: float = 0.05, seed: int = 0, text_field: str = "text",
-            glob: str | Sequence[str] | None = None, errors: str = "replace", num_proc: int = 1,
-            cache_dir: str | os.PathLike | None = None, no_cache: bool = False,
-            on_progress: ProgressFn | None = None) -> PreparedData:
+def prepare(
+    paths: str | Sequence[str],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    block_size: int,
+    val_file: str | None = None,
+    val_split: float = 0.05,
+    seed: int = 0,
+    text_field: str = "text",
+    glob: str | Sequence[str] | None = None,
+    errors: str = "replace",
+    num_proc: int = 1,
+    cache_dir: str | os.PathLike | None = None,
+    no_cache: bool = False,
+    on_progress: ProgressFn | None = None,
+) -> PreparedData:
     """Tokenize (or find in the cache) and pack the training data, and set validation blocks apart.
 
     With `val_file` (a file, directory or `-`), it is tokenized the same way and all its blocks
@@ -828,11 +968,21 @@ def prepare(paths: str | Sequence[str], tokenizer: PreTrainedTokenizerBase, *, b
     """
     import numpy as np
 
-    _check_options(errors=errors, text_field=text_field, num_proc=num_proc, block_size=block_size,
-                   val_split=val_split)
-    corpora = _tokenize_all(paths, [val_file] if val_file is not None else [], tokenizer,
-                            text_field=text_field, glob=glob, errors=errors, num_proc=num_proc,
-                            cache_dir=cache_dir, no_cache=no_cache, on_progress=on_progress)
+    _check_options(
+        errors=errors, text_field=text_field, num_proc=num_proc, block_size=block_size, val_split=val_split
+    )
+    corpora = _tokenize_all(
+        paths,
+        [val_file] if val_file is not None else [],
+        tokenizer,
+        text_field=text_field,
+        glob=glob,
+        errors=errors,
+        num_proc=num_proc,
+        cache_dir=cache_dir,
+        no_cache=no_cache,
+        on_progress=on_progress,
+    )
     train_data = corpora[0]
     try:
         if train_data.blocks(block_size) == 0:
@@ -842,13 +992,18 @@ def prepare(paths: str | Sequence[str], tokenizer: PreTrainedTokenizerBase, *, b
             if val_data.blocks(block_size) == 0:
                 raise _too_small(f"the validation data {val_file}", val_data, block_size)
             both = hashlib.sha256(f"{train_data.fingerprint}+{val_data.fingerprint}".encode())
-            return PreparedData(Blocks(train_data, block_size, np.arange(train_data.blocks(block_size))),
-                                Blocks(val_data, block_size, np.arange(val_data.blocks(block_size))),
-                                both.hexdigest()[:32], val_split, seed)
+            return PreparedData(
+                Blocks(train_data, block_size, np.arange(train_data.blocks(block_size))),
+                Blocks(val_data, block_size, np.arange(val_data.blocks(block_size))),
+                both.hexdigest()[:32],
+                val_split,
+                seed,
+            )
         train_index, val_index = split_blocks(train_data.blocks(block_size), val_split, seed)
         val = Blocks(train_data, block_size, val_index) if len(val_index) else None
-        return PreparedData(Blocks(train_data, block_size, train_index), val, train_data.fingerprint,
-                            val_split, seed)
+        return PreparedData(
+            Blocks(train_data, block_size, train_index), val, train_data.fingerprint, val_split, seed
+        )
     except BaseException:
         for corpus in corpora:
             corpus.close()

@@ -111,12 +111,16 @@ class Generator:
         cfg, context = self.cfg, self.lm.context
         if cfg.max_length is not None:
             if cfg.max_length > context:
-                raise UsageError(f"--max-length {cfg.max_length} exceeds the model's context of {context}",
-                                 f"use at most {context}")
+                raise UsageError(
+                    f"--max-length {cfg.max_length} exceeds the model's context of {context}",
+                    f"use at most {context}",
+                )
         elif cfg.max_new_tokens is not None and cfg.max_new_tokens >= context:
             raise UsageError(
                 f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in the model's "
-                f"context of {context} tokens", f"use fewer than {context}")
+                f"context of {context} tokens",
+                f"use fewer than {context}",
+            )
 
     def encode(self, index: int, prompt: Prompt) -> _Encoded:
         cfg, context = self.cfg, self.lm.context
@@ -130,9 +134,11 @@ class Generator:
             room = context - (cfg.max_new_tokens or 1)
         if len(ids) > room:
             if cfg.truncate == "error":
-                raise InputError(f"prompt {prompt.id} has {len(ids)} tokens; only {room} fit with the "
-                                 "requested new tokens", "shorten it, lower --max-new-tokens, or use "
-                                 "--truncate left")
+                raise InputError(
+                    f"prompt {prompt.id} has {len(ids)} tokens; only {room} fit with the "
+                    "requested new tokens",
+                    "shorten it, lower --max-new-tokens, or use --truncate left",
+                )
             self.warn(f"prompt {prompt.id} has {len(ids)} tokens; kept the last {room} to fit the context")
             ids = ids[-room:]
         budget = cfg.max_length - len(ids) if cfg.max_length is not None else cfg.max_new_tokens
@@ -155,15 +161,23 @@ class Generator:
             bos_token_id=self.lm.tokenizer.bos_token_id,
         )
         if cfg.do_sample:
-            options.update(temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p,
-                           min_p=cfg.min_p, typical_p=cfg.typical_p)
+            options.update(
+                temperature=cfg.temperature,
+                top_k=cfg.top_k or None,
+                top_p=cfg.top_p,
+                min_p=cfg.min_p,
+                typical_p=cfg.typical_p,
+            )
         else:
             options.update(temperature=None, top_k=None, top_p=None)
         return GenerationConfig(**options)
 
     # -- running -----------------------------------------------------------------------------------
-    def run(self, prompts: Iterable[Prompt], on_prompt_done: Callable[[], None] | None = None,
-            ) -> Iterator[Sample]:
+    def run(
+        self,
+        prompts: Iterable[Prompt],
+        on_prompt_done: Callable[[], None] | None = None,
+    ) -> Iterator[Sample]:
         """Samples for every prompt, in input order, `num_samples` per prompt."""
         import torch
 
@@ -174,7 +188,7 @@ class Generator:
             done: dict[int, list[Sample]] = {}
             order = sorted(group, key=lambda e: -len(e.ids))
             for start in range(0, len(order), self.batch_size):
-                batch = order[start:start + self.batch_size]
+                batch = order[start : start + self.batch_size]
                 for enc, samples in zip(batch, self._generate_batch(batch), strict=True):
                     done[enc.index] = samples
                 # Emit what is ready, in input order.
@@ -189,7 +203,7 @@ class Generator:
 
         torch.manual_seed(self.seed)
         enc = self.encode(0, prompt)
-        tail = prompt.text[-self.stop_tail:] if self.stop_tail else ""
+        tail = prompt.text[-self.stop_tail :] if self.stop_tail else ""
         streamer = _TextStreamer(self, tail, on_text)
         [sample] = self._generate_batch([enc], streamer=streamer)[0]
         return sample
@@ -208,8 +222,11 @@ class Generator:
         started = time.perf_counter()
         with torch.inference_mode():
             output = model.generate(
-                input_ids=input_ids.to(self.lm.device), attention_mask=mask.to(self.lm.device),
-                generation_config=self.generation_config(max_new), tokenizer=tok, streamer=streamer,
+                input_ids=input_ids.to(self.lm.device),
+                attention_mask=mask.to(self.lm.device),
+                generation_config=self.generation_config(max_new),
+                tokenizer=tok,
+                streamer=streamer,
             )
         seconds = round(time.perf_counter() - started, 4)
         rows = output[:, width:].tolist()
@@ -228,15 +245,24 @@ class Generator:
                 tokens, reason = row[:k], "eos"
                 break
         if len(tokens) > enc.budget:
-            tokens, reason = tokens[:enc.budget], "length"
+            tokens, reason = tokens[: enc.budget], "length"
         text = self.decode(tokens)
-        tail = enc.prompt.text[-self.stop_tail:] if self.stop_tail else ""
+        tail = enc.prompt.text[-self.stop_tail :] if self.stop_tail else ""
         hit = find_stop(tail, text, self.cfg.stop)
         if hit is not None:
             text, reason = text[: hit[1] if self.cfg.keep_stop else hit[0]], "stop"
         self.tokens_generated += len(tokens)
-        return Sample(enc.prompt.id, enc.prompt.text, sample, text, len(enc.ids), len(tokens), reason,
-                      self.seed, seconds)
+        return Sample(
+            enc.prompt.id,
+            enc.prompt.text,
+            sample,
+            text,
+            len(enc.ids),
+            len(tokens),
+            reason,
+            self.seed,
+            seconds,
+        )
 
     def decode(self, ids: list[int]) -> str:
         return self.lm.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -294,6 +320,6 @@ class _TextStreamer(_FirstToken):
         elif not final:
             text = text[: len(text) - held_back(text, self.gen.cfg.stop)]
         if len(text) > self.emitted:
-            self.on_text(text[self.emitted:])
+            self.on_text(text[self.emitted :])
             self.emitted = len(text)
         self.finished = final

@@ -69,8 +69,10 @@ def resolve(name: str, *, offline: bool = False, allow_pickle: bool = False) -> 
     elif name in builtin_names():
         source = ModelSource(name, BUILTIN_DIR / name, "built-in")
     elif path.exists():
-        raise ModelError(f"{name} is a file, not a model directory",
-                         "pass the directory that holds config.json and the weights")
+        raise ModelError(
+            f"{name} is a file, not a model directory",
+            "pass the directory that holds config.json and the weights",
+        )
     else:
         source = ModelSource(name, _from_hub(name, offline=offline, allow_pickle=allow_pickle), "hub cache")
     check_model_dir(source.path, allow_pickle=allow_pickle, name=name)
@@ -91,20 +93,30 @@ def _from_hub(repo_id: str, *, offline: bool, allow_pickle: bool) -> Path:
         raise ModelError(f"{repo_id}: no such directory", "check the path, or pass a hub id such as gpt2")
     patterns = HUB_PATTERNS + (list(PICKLE_PATTERNS) if allow_pickle else [])
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns,
-                                      local_files_only=offline or constants.is_offline_mode()))
+        return Path(
+            snapshot_download(
+                repo_id, allow_patterns=patterns, local_files_only=offline or constants.is_offline_mode()
+            )
+        )
     except LocalEntryNotFoundError:
-        raise ModelError(f"model {repo_id!r} is not in the local cache and the hub can't be reached",
-                         NO_CACHE_HINT) from None
+        raise ModelError(
+            f"model {repo_id!r} is not in the local cache and the hub can't be reached", NO_CACHE_HINT
+        ) from None
     except GatedRepoError:
-        raise ModelError(f"model {repo_id!r} is gated on the hub",
-                         "accept its terms on the hub and log in with `hf auth login`") from None
+        raise ModelError(
+            f"model {repo_id!r} is gated on the hub",
+            "accept its terms on the hub and log in with `hf auth login`",
+        ) from None
     except RepositoryNotFoundError:
-        raise ModelError(f"no model {repo_id!r} on the hub (or it is private)",
-                         "check the name, or pass a local directory with --model") from None
+        raise ModelError(
+            f"no model {repo_id!r} on the hub (or it is private)",
+            "check the name, or pass a local directory with --model",
+        ) from None
     except HFValidationError:
-        raise ModelError(f"{repo_id!r} is neither a directory nor a valid hub id",
-                         "pass a local model directory, a built-in name, or an id such as gpt2") from None
+        raise ModelError(
+            f"{repo_id!r} is neither a directory nor a valid hub id",
+            "pass a local model directory, a built-in name, or an id such as gpt2",
+        ) from None
     except OSError as exc:  # network trouble that did not fall back to the cache
         raise ModelError(f"could not download {repo_id!r}: {exc}", NO_CACHE_HINT) from None
 
@@ -114,8 +126,10 @@ def check_model_dir(path: Path, *, allow_pickle: bool, name: str | None = None) 
     label = name or str(path)
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
-        raise ModelError(f"{label} is not a model directory: no {CONFIG_FILE}",
-                         "pass a directory saved with save_pretrained, a built-in name, or a hub id")
+        raise ModelError(
+            f"{label} is not a model directory: no {CONFIG_FILE}",
+            "pass a directory saved with save_pretrained, a built-in name, or a hub id",
+        )
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -125,14 +139,20 @@ def check_model_dir(path: Path, *, allow_pickle: bool, name: str | None = None) 
     has_pickle = any(any(path.glob(p)) for p in PICKLE_PATTERNS)
     if not has_safetensors:
         if has_pickle and not allow_pickle:
-            raise ModelError(f"{label} has only pickle weights (.bin), which can run code when loaded",
-                             "convert it to safetensors, or pass --allow-pickle if you trust its source")
+            raise ModelError(
+                f"{label} has only pickle weights (.bin), which can run code when loaded",
+                "convert it to safetensors, or pass --allow-pickle if you trust its source",
+            )
         if not has_pickle:
-            raise ModelError(f"{label} has no weights (*.safetensors)",
-                             "save the model with save_pretrained, or pass another directory")
+            raise ModelError(
+                f"{label} has no weights (*.safetensors)",
+                "save the model with save_pretrained, or pass another directory",
+            )
     if not any((path / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer.model")):
-        raise ModelError(f"{label} has no tokenizer files (tokenizer.json, or vocab.json and merges.txt)",
-                         "save the tokenizer next to the model with tokenizer.save_pretrained(DIR)")
+        raise ModelError(
+            f"{label} has no tokenizer files (tokenizer.json, or vocab.json and merges.txt)",
+            "save the tokenizer next to the model with tokenizer.save_pretrained(DIR)",
+        )
 
 
 def _check_causal(config: dict[str, Any], label: str) -> None:
@@ -140,8 +160,10 @@ def _check_causal(config: dict[str, Any], label: str) -> None:
 
     model_type = config.get("model_type")
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise ModelError(f"{label} is a {model_type or 'unknown'} model, not a causal language model",
-                         "llmkit runs GPT-2-family (decoder-only) models such as gpt2 or distilgpt2")
+        raise ModelError(
+            f"{label} is a {model_type or 'unknown'} model, not a causal language model",
+            "llmkit runs GPT-2-family (decoder-only) models such as gpt2 or distilgpt2",
+        )
 
 
 def pick_device(name: str) -> torch.device:
@@ -155,12 +177,16 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ModelError(f"device {name} requested but CUDA is not available",
-                             "use --device cpu, or install a CUDA build of torch")
+            raise ModelError(
+                f"device {name} requested but CUDA is not available",
+                "use --device cpu, or install a CUDA build of torch",
+            )
         index = int(name.split(":")[1]) if ":" in name else 0
         if index >= torch.cuda.device_count():
-            raise ModelError(f"device {name} requested but only {torch.cuda.device_count()} GPU(s) exist",
-                             "pick an index below the GPU count")
+            raise ModelError(
+                f"device {name} requested but only {torch.cuda.device_count()} GPU(s) exist",
+                "pick an index below the GPU count",
+            )
     if name == "mps" and not torch.backends.mps.is_available():
         raise ModelError("device mps requested but MPS is not available", "use --device cpu")
     return torch.device(name)
@@ -195,8 +221,10 @@ def load_tokenizer(path: Path, label: str) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, TypeError) as exc:
-        raise ModelError(f"{label}: cannot load its tokenizer: {exc}",
-                         "save the tokenizer next to the model with tokenizer.save_pretrained(DIR)") from None
+        raise ModelError(
+            f"{label}: cannot load its tokenizer: {exc}",
+            "save the tokenizer next to the model with tokenizer.save_pretrained(DIR)",
+        ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -204,7 +232,6 @@ def load_tokenizer(path: Path, label: str) -> PreTrainedTokenizerBase:
 
 def load(cfg: LoadConfig) -> LoadedModel:
     """Resolve, check and load a model and its tokenizer onto the chosen device."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     device = pick_device(cfg.device)
@@ -213,12 +240,17 @@ def load(cfg: LoadConfig) -> LoadedModel:
     tokenizer = load_tokenizer(source.path, cfg.model)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source.path, dtype=dtype, local_files_only=True, trust_remote_code=False,
+            source.path,
+            dtype=dtype,
+            local_files_only=True,
+            trust_remote_code=False,
             use_safetensors=None if cfg.allow_pickle else True,
         )
     except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelError(f"{cfg.model}: cannot load the model: {exc}",
-                         "the weights may be incomplete or corrupt; save the model again") from None
+        raise ModelError(
+            f"{cfg.model}: cannot load the model: {exc}",
+            "the weights may be incomplete or corrupt; save the model again",
+        ) from None
     model.to(device)
     model.eval()
     return LoadedModel(model, tokenizer, device, dtype, source)

@@ -47,8 +47,13 @@ class Score:
         def finite(x: float) -> float | None:
             return x if math.isfinite(x) else None
 
-        return {"perplexity": finite(self.perplexity), "nll": finite(self.nll), "tokens": self.tokens,
-                "bytes": self.bytes, "bits_per_byte": finite(self.bits_per_byte)}
+        return {
+            "perplexity": finite(self.perplexity),
+            "nll": finite(self.nll),
+            "tokens": self.tokens,
+            "bytes": self.bytes,
+            "bits_per_byte": finite(self.bits_per_byte),
+        }
 
 
 def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
@@ -69,24 +74,33 @@ def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, in
 def resolve_window(lm: LoadedModel, cfg: PerplexityConfig) -> tuple[int, int]:
     context = cfg.context or lm.context
     if context > lm.context:
-        raise UsageError(f"--context {context} exceeds the model's context of {lm.context}",
-                         f"use at most {lm.context}")
+        raise UsageError(
+            f"--context {context} exceeds the model's context of {lm.context}", f"use at most {lm.context}"
+        )
     stride = cfg.stride or max(1, context // 2)
     if stride >= context:
-        raise UsageError(f"--stride {stride} must be smaller than the window of {context} tokens",
-                         "windows must overlap by at least one token so every token is scored with context")
+        raise UsageError(
+            f"--stride {stride} must be smaller than the window of {context} tokens",
+            "windows must overlap by at least one token so every token is scored with context",
+        )
     return context, stride
 
 
-def score_ids(lm: LoadedModel, ids: torch.Tensor, context: int, stride: int, batch_size: int,
-              on_window: Callable[[], None] | None = None) -> tuple[float, int]:
+def score_ids(
+    lm: LoadedModel,
+    ids: torch.Tensor,
+    context: int,
+    stride: int,
+    batch_size: int,
+    on_window: Callable[[], None] | None = None,
+) -> tuple[float, int]:
     """(summed NLL in nats, tokens scored) of a 1-D id tensor under the sliding-window definition."""
     spans = windows(int(ids.numel()), context, stride)
     full = [s for s in spans if s[1] - s[0] == context]
     ragged = [s for s in spans if s[1] - s[0] != context]
     total, count = 0.0, 0
     # Equal-length windows batch together; a short one (text shorter than a window) goes alone.
-    groups = [full[i:i + batch_size] for i in range(0, len(full), batch_size)] + [[s] for s in ragged]
+    groups = [full[i : i + batch_size] for i in range(0, len(full), batch_size)] + [[s] for s in ragged]
     for group in groups:
         nll, n = _score_group(lm, ids, group)
         total, count = total + nll, count + n
@@ -106,13 +120,19 @@ def _score_group(lm: LoadedModel, ids: torch.Tensor, group: list[tuple[int, int,
     targets = batch[:, 1:].clone()
     for row, (b, _e, first) in enumerate(group):
         targets[row, : first - b - 1] = -100  # already scored by an earlier window
-    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                          ignore_index=-100, reduction="sum")
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="sum"
+    )
     return float(nll), int((targets != -100).sum())
 
 
-def perplexity(lm: LoadedModel, id_chunks: Iterable[tuple[list[int], str]], cfg: PerplexityConfig,
-               on_window: Callable[[], None] | None = None, label: str = "text") -> Score:
+def perplexity(
+    lm: LoadedModel,
+    id_chunks: Iterable[tuple[list[int], str]],
+    cfg: PerplexityConfig,
+    on_window: Callable[[], None] | None = None,
+    label: str = "text",
+) -> Score:
     """Score one text stream, given as (ids, text) pieces such as `tokens.iter_ids` yields."""
     import numpy as np
     import torch
@@ -123,8 +143,9 @@ def perplexity(lm: LoadedModel, id_chunks: Iterable[tuple[list[int], str]], cfg:
         n_bytes += len(text.encode("utf-8"))
     ids = torch.from_numpy(np.concatenate(parts)) if parts else torch.zeros(0, dtype=torch.long)
     if ids.numel() < 2:
-        raise InputError(f"{label} has {ids.numel()} token(s); perplexity needs at least 2",
-                         "pass a longer text")
+        raise InputError(
+            f"{label} has {ids.numel()} token(s); perplexity needs at least 2", "pass a longer text"
+        )
     context, stride = resolve_window(lm, cfg)
     nll, count = score_ids(lm, ids, context, stride, cfg.batch_size, on_window)
     return Score(nll, count, n_bytes)

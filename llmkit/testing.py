@@ -12,12 +12,21 @@ OBJECTS = ["the moon", "a red apple", "the sea", "her brother", "the green hill"
 
 def sentences(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
-    return [f"{rng.choice(SUBJECTS).capitalize()} {rng.choice(VERBS)} {rng.choice(OBJECTS)}."
-            for _ in range(n)]
+    return [
+        f"{rng.choice(SUBJECTS).capitalize()} {rng.choice(VERBS)} {rng.choice(OBJECTS)}." for _ in range(n)
+    ]
 
 
-def build_tiny_model(out: Path, *, vocab_size: int = 400, n_layer: int = 2, n_head: int = 2,
-                     n_embd: int = 64, n_positions: int = 128, seed: int = 0) -> Path:
+def build_tiny_model(
+    out: Path,
+    *,
+    vocab_size: int = 400,
+    n_layer: int = 2,
+    n_head: int = 2,
+    n_embd: int = 64,
+    n_positions: int = 128,
+    seed: int = 0,
+) -> Path:
     """Random-weight GPT-2 with a BPE tokenizer trained on generated sentences, saved to `out`."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -30,9 +39,15 @@ def build_tiny_model(out: Path, *, vocab_size: int = 400, n_layer: int = 2, n_he
     if tokenizer.decode(tokenizer(sample)["input_ids"]) != sample:
         raise RuntimeError("tiny tokenizer does not round-trip")
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd,
-                        n_layer=n_layer, n_head=n_head, bos_token_id=tokenizer.bos_token_id,
-                        eos_token_id=tokenizer.eos_token_id)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     model = GPT2LMHeadModel(config)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

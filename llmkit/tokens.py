@@ -57,8 +57,11 @@ def iter_pieces(stream: TextIO, chunk_chars: int = CHUNK_CHARS, whole: bool = Fa
         yield pending
 
 
-def iter_ids(tokenizer: PreTrainedTokenizerBase, stream: TextIO, chunk_chars: int = CHUNK_CHARS,
-             ) -> Iterator[tuple[list[int], str]]:
+def iter_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    stream: TextIO,
+    chunk_chars: int = CHUNK_CHARS,
+) -> Iterator[tuple[list[int], str]]:
     """(ids, text) per piece of the stream, tokenized in batches through the fast tokenizer."""
     whole = not splits_safely(tokenizer)
     batch: list[str] = []

@@ -38,21 +38,28 @@ def runner() -> CliRunner:
 
 
 @pytest.fixture
-def cli(runner: CliRunner):  # noqa: ANN201
+def cli(runner: CliRunner):
     """Invoke the real CLI in-process; stdout and stderr are kept apart."""
     from llmkit.cli import _output
     from llmkit.cli.app import app
 
-    def invoke(*args: str, input: str | None = None):  # noqa: A002, ANN202
+    def invoke(*args: str, input: str | None = None):
         _output.settings.__init__()  # global flags from an earlier invocation must not leak
         return runner.invoke(app, [str(a) for a in args], input=input)
 
     return invoke
 
 
-def run_llmkit(*args: str, input: str | None = None, env: dict[str, str] | None = None,
-               timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_llmkit(
+    *args: str, input: str | None = None, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     """The CLI as a real subprocess (pipes, signals, start-up)."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "llmkit", *map(str, args)], input=input,
-                          capture_output=True, text=True, env=full_env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "llmkit", *map(str, args)],
+        input=input,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+    )

@@ -13,9 +13,10 @@ def plain_greedy(model_dir: Path, prompt: str, n: int) -> str:
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     ids = tok(prompt, return_tensors="pt")
-    out = model.generate(**ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                         pad_token_id=tok.eos_token_id)
-    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    out = model.generate(
+        **ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tok.eos_token_id
+    )
+    return tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def records(stdout: str) -> list[dict]:
@@ -24,8 +25,9 @@ def records(stdout: str) -> list[dict]:
 
 def test_greedy_equals_plain_generate(cli, tiny_model: Path) -> None:
     prompt = "The cat sees the"
-    result = cli("generate", "-m", tiny_model, prompt, "--greedy", "-n", "12", "--min-new-tokens", "12",
-                 "--no-stream")
+    result = cli(
+        "generate", "-m", tiny_model, prompt, "--greedy", "-n", "12", "--min-new-tokens", "12", "--no-stream"
+    )
     assert result.exit_code == 0, result.stderr
     assert result.stdout == plain_greedy(tiny_model, prompt, 12) + "\n"
 
@@ -56,13 +58,23 @@ def test_streamed_text_equals_unstreamed(cli, tiny_model: Path) -> None:
 
 
 def test_jsonl_record_fields(cli, tiny_model: Path) -> None:
-    result = cli("generate", "-m", tiny_model, "The river", "-n", "5", "--seed", "11", "-s", "2",
-                 "--format", "jsonl")
+    result = cli(
+        "generate", "-m", tiny_model, "The river", "-n", "5", "--seed", "11", "-s", "2", "--format", "jsonl"
+    )
     rows = records(result.stdout)
     assert [r["sample"] for r in rows] == [0, 1]
     for row in rows:
-        assert set(row) == {"id", "prompt", "sample", "completion", "prompt_tokens", "completion_tokens",
-                            "finish_reason", "seed", "seconds"}
+        assert set(row) == {
+            "id",
+            "prompt",
+            "sample",
+            "completion",
+            "prompt_tokens",
+            "completion_tokens",
+            "finish_reason",
+            "seed",
+            "seconds",
+        }
         assert row["prompt"] == "The river" and row["seed"] == 11
         assert row["finish_reason"] in {"eos", "length"}
         if row["finish_reason"] == "length":
@@ -71,22 +83,44 @@ def test_jsonl_record_fields(cli, tiny_model: Path) -> None:
 
 def test_unseeded_run_reports_a_seed_that_reproduces_it(cli, tiny_model: Path) -> None:
     first = records(cli("generate", "-m", tiny_model, "The moon", "-n", "15", "-f", "jsonl").stdout)[0]
-    again = records(cli("generate", "-m", tiny_model, "The moon", "-n", "15", "-f", "jsonl",
-                        "--seed", str(first["seed"])).stdout)[0]
+    again = records(
+        cli(
+            "generate", "-m", tiny_model, "The moon", "-n", "15", "-f", "jsonl", "--seed", str(first["seed"])
+        ).stdout
+    )[0]
     assert again["completion"] == first["completion"]
 
 
 def test_multi_token_stop_string_stops_and_is_cut(cli, tiny_model: Path) -> None:
     # Seeded sampling: the same tokens up to the stop, and varied enough to pick a fresh stop string.
-    base = ["generate", "-m", tiny_model, "The old king", "--seed", "5", "-n", "40", "--min-new-tokens", "40",
-            "-f", "jsonl"]
+    base = [
+        "generate",
+        "-m",
+        tiny_model,
+        "The old king",
+        "--seed",
+        "5",
+        "-n",
+        "40",
+        "--min-new-tokens",
+        "40",
+        "-f",
+        "jsonl",
+    ]
     full = records(cli(*base).stdout)[0]["completion"]
     tok = AutoTokenizer.from_pretrained(tiny_model)
     # A multi-token stop string from the middle of the greedy continuation, first seen there.
     ids = tok(full, add_special_tokens=False)["input_ids"]
-    candidates = [full[s:s + 6] for s in (len(tok.decode(ids[:k])) for k in range(5, 30))]
-    stop = next(c for c in candidates if len(c) == 6 and c.isprintable() and "\ufffd" not in c and ("The old king" + full).find(c) > 12 + 5
-                and len(tok(c, add_special_tokens=False)["input_ids"]) > 1)
+    candidates = [full[s : s + 6] for s in (len(tok.decode(ids[:k])) for k in range(5, 30))]
+    stop = next(
+        c
+        for c in candidates
+        if len(c) == 6
+        and c.isprintable()
+        and "\ufffd" not in c
+        and ("The old king" + full).find(c) > 12 + 5
+        and len(tok(c, add_special_tokens=False)["input_ids"]) > 1
+    )
     cut = full.index(stop)
     row = records(cli(*base, "--stop", stop).stdout)[0]
     assert row["finish_reason"] == "stop"
@@ -94,8 +128,21 @@ def test_multi_token_stop_string_stops_and_is_cut(cli, tiny_model: Path) -> None
     assert row["completion_tokens"] < 40  # decoding stopped, it was not merely trimmed afterwards
     kept = records(cli(*base, "--stop", stop, "--keep-stop").stdout)[0]
     assert kept["completion"] == full[:cut] + stop
-    streamed = cli("generate", "-m", tiny_model, "The old king", "--seed", "5", "-n", "40",
-                   "--min-new-tokens", "40", "--stop", stop, "--stream")
+    streamed = cli(
+        "generate",
+        "-m",
+        tiny_model,
+        "The old king",
+        "--seed",
+        "5",
+        "-n",
+        "40",
+        "--min-new-tokens",
+        "40",
+        "--stop",
+        stop,
+        "--stream",
+    )
     assert streamed.stdout == full[:cut] + "\n"
 
 
@@ -103,8 +150,9 @@ def test_input_text_file_keeps_order_and_line_ids(cli, tiny_model: Path, tmp_pat
     prompts = ["The cat", "", "A small bird sings to the green hill and", "My friend", "The sea"]
     path = tmp_path / "prompts.txt"
     path.write_text("\n".join(prompts) + "\n")
-    result = cli("generate", "-m", tiny_model, "-i", path, "--greedy", "-n", "6", "-f", "jsonl",
-                 "--batch-size", "2")
+    result = cli(
+        "generate", "-m", tiny_model, "-i", path, "--greedy", "-n", "6", "-f", "jsonl", "--batch-size", "2"
+    )
     assert result.exit_code == 0, result.stderr
     rows = records(result.stdout)
     assert [r["id"] for r in rows] == [1, 3, 4, 5]  # blank lines are skipped, line numbers kept
@@ -119,28 +167,77 @@ def test_input_jsonl_keeps_ids(cli, tiny_model: Path, tmp_path: Path) -> None:
 
 
 def test_batched_greedy_equals_one_at_a_time(cli, tiny_model: Path, tmp_path: Path) -> None:
-    prompts = ["The cat", "A small bird waits for the quiet song and the", "My", "The old king remembers",
-               "Ünïcödé café", "The river finds her brother. The queen likes"]
+    prompts = [
+        "The cat",
+        "A small bird waits for the quiet song and the",
+        "My",
+        "The old king remembers",
+        "Ünïcödé café",
+        "The river finds her brother. The queen likes",
+    ]
     path = tmp_path / "p.txt"
     path.write_text("\n".join(prompts))
-    batched = records(cli("generate", "-m", tiny_model, "-i", path, "--greedy", "-n", "10",
-                          "--batch-size", "4", "-f", "jsonl").stdout)
-    single = [records(cli("generate", "-m", tiny_model, p, "--greedy", "-n", "10", "-f", "jsonl").stdout)[0]
-              for p in prompts]
+    batched = records(
+        cli(
+            "generate",
+            "-m",
+            tiny_model,
+            "-i",
+            path,
+            "--greedy",
+            "-n",
+            "10",
+            "--batch-size",
+            "4",
+            "-f",
+            "jsonl",
+        ).stdout
+    )
+    single = [
+        records(cli("generate", "-m", tiny_model, p, "--greedy", "-n", "10", "-f", "jsonl").stdout)[0]
+        for p in prompts
+    ]
     assert [r["completion"] for r in batched] == [r["completion"] for r in single]
 
 
 def test_text_mode_echo_and_separator(cli, tiny_model: Path) -> None:
-    result = cli("generate", "-m", tiny_model, "The cat", "--seed", "1", "-n", "5", "-s", "2", "--echo",
-                 "--separator", "\\n---\\n", "--no-stream")
+    result = cli(
+        "generate",
+        "-m",
+        tiny_model,
+        "The cat",
+        "--seed",
+        "1",
+        "-n",
+        "5",
+        "-s",
+        "2",
+        "--echo",
+        "--separator",
+        "\\n---\\n",
+        "--no-stream",
+    )
     parts = result.stdout.split("\n---\n")
     assert parts[-1] == "" and len(parts) == 3
     assert all(p.startswith("The cat") for p in parts[:2])
 
 
 def test_max_length_counts_the_prompt(cli, tiny_model: Path) -> None:
-    row = records(cli("generate", "-m", tiny_model, "The old king sees the moon", "--max-length", "12",
-                      "--min-new-tokens", "1", "--greedy", "-f", "jsonl").stdout)[0]
+    row = records(
+        cli(
+            "generate",
+            "-m",
+            tiny_model,
+            "The old king sees the moon",
+            "--max-length",
+            "12",
+            "--min-new-tokens",
+            "1",
+            "--greedy",
+            "-f",
+            "jsonl",
+        ).stdout
+    )[0]
     assert row["prompt_tokens"] + row["completion_tokens"] <= 12
     if row["finish_reason"] == "length":
         assert row["prompt_tokens"] + row["completion_tokens"] == 12
@@ -158,7 +255,9 @@ def test_long_prompt_is_truncated_with_a_warning_or_refused(cli, tiny_model: Pat
 
 
 def test_empty_prompt_samples_unconditionally(cli, tiny_model: Path) -> None:
-    result = cli("generate", "-m", tiny_model, "-", "-n", "5", "--min-new-tokens", "5", "-f", "jsonl", input="")
+    result = cli(
+        "generate", "-m", tiny_model, "-", "-n", "5", "--min-new-tokens", "5", "-f", "jsonl", input=""
+    )
     row = records(result.stdout)[0]
     assert row["prompt_tokens"] == 1 and row["completion_tokens"] == 5
 
@@ -172,19 +271,51 @@ def test_sampling_filters_are_applied(cli, tiny_model: Path) -> None:
     # top-k 1 is greedy whatever the seed: proof that the logits processor chain is in effect.
     greedy = records(cli("generate", "-m", tiny_model, "A dog", "--greedy", "-n", "12", "-f", "jsonl").stdout)
     for seed in ("1", "2"):
-        topk1 = records(cli("generate", "-m", tiny_model, "A dog", "--top-k", "1", "--seed", seed, "-n", "12",
-                            "-f", "jsonl").stdout)
+        topk1 = records(
+            cli(
+                "generate",
+                "-m",
+                tiny_model,
+                "A dog",
+                "--top-k",
+                "1",
+                "--seed",
+                seed,
+                "-n",
+                "12",
+                "-f",
+                "jsonl",
+            ).stdout
+        )
         assert topk1[0]["completion"] == greedy[0]["completion"]
-    for flags in (["--top-p", "0.5"], ["--min-p", "0.1"], ["--typical-p", "0.9"],
-                  ["--repetition-penalty", "1.3"], ["--no-repeat-ngram-size", "2"]):
+    for flags in (
+        ["--top-p", "0.5"],
+        ["--min-p", "0.1"],
+        ["--typical-p", "0.9"],
+        ["--repetition-penalty", "1.3"],
+        ["--no-repeat-ngram-size", "2"],
+    ):
         result = cli("generate", "-m", tiny_model, "A dog", "--seed", "1", "-n", "8", *flags)
         assert result.exit_code == 0, (flags, result.stderr)
 
 
-@pytest.mark.parametrize("flags", [
-    ["-t", "-1"], ["--top-p", "0"], ["--top-p", "1.5"], ["--top-k", "-1"], ["-n", "0"], ["--batch-size", "0"],
-    ["-s", "0"], ["-s", "2", "--greedy"], ["--format", "xml"], ["--truncate", "right"], ["-n", "500"], ["--max-length", "4096"],
-])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["-t", "-1"],
+        ["--top-p", "0"],
+        ["--top-p", "1.5"],
+        ["--top-k", "-1"],
+        ["-n", "0"],
+        ["--batch-size", "0"],
+        ["-s", "0"],
+        ["-s", "2", "--greedy"],
+        ["--format", "xml"],
+        ["--truncate", "right"],
+        ["-n", "500"],
+        ["--max-length", "4096"],
+    ],
+)
 def test_out_of_range_flags_are_usage_errors(cli, tiny_model: Path, flags: list[str]) -> None:
     result = cli("generate", "-m", tiny_model, "The cat", *flags)
     assert result.exit_code == 2, result.stderr
@@ -225,8 +356,10 @@ def test_generation_config_uses_transformers_processors(tiny_model: Path) -> Non
     from llmkit.generation import Generator
     from llmkit.models import load
 
-    gen = Generator(load(LoadConfig(model=str(tiny_model))),
-                    GenerateConfig(temperature=0.7, top_p=0.9, min_p=0.05, stop=["\n\n"], seed=1))
+    gen = Generator(
+        load(LoadConfig(model=str(tiny_model))),
+        GenerateConfig(temperature=0.7, top_p=0.9, min_p=0.05, stop=["\n\n"], seed=1),
+    )
     config = gen.generation_config(10)
     assert config.do_sample and config.temperature == 0.7 and config.top_p == 0.9 and config.min_p == 0.05
     assert config.stop_strings == ["\n\n"]

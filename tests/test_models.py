@@ -25,7 +25,7 @@ def hub_cache(hf_home: Path, repo_id: str, model_dir: Path) -> Path:
     return snapshot
 
 
-def error_line(result) -> str:  # noqa: ANN001
+def error_line(result) -> str:
     assert "Traceback" not in result.stderr + result.stdout
     first, *rest = result.stderr.splitlines()
     assert first.startswith("Error: ")
@@ -47,8 +47,9 @@ def test_hub_id_resolves_from_the_offline_cache(cli, tiny_model: Path, tmp_path:
     details = json.loads(result.stdout)
     assert details["source"] == "hub cache" and Path(details["path"]) == snapshot
     plain = cli("generate", "-m", tiny_model, "The cat", "--greedy", "-n", "6", "--no-stream").stdout
-    cached = cli("generate", "-m", "someone/tiny-gpt2", "The cat", "--greedy", "-n", "6", "--no-stream",
-                 "--offline")
+    cached = cli(
+        "generate", "-m", "someone/tiny-gpt2", "The cat", "--greedy", "-n", "6", "--no-stream", "--offline"
+    )
     assert cached.exit_code == 0, cached.stderr
     assert cached.stdout == plain
 
@@ -116,10 +117,14 @@ def test_pickle_weights_refused_unless_allowed(cli, tiny_model: Path, tmp_path: 
     assert refused.exit_code == 1
     assert "only pickle weights" in error_line(refused)
     assert "--allow-pickle" in refused.stderr
-    allowed = cli("generate", "-m", pickled, "The cat", "--greedy", "-n", "6", "--no-stream", "--allow-pickle")
+    allowed = cli(
+        "generate", "-m", pickled, "The cat", "--greedy", "-n", "6", "--no-stream", "--allow-pickle"
+    )
     assert allowed.exit_code == 0, allowed.stderr
-    assert allowed.stdout == cli("generate", "-m", tiny_model, "The cat", "--greedy", "-n", "6",
-                                 "--no-stream").stdout
+    assert (
+        allowed.stdout
+        == cli("generate", "-m", tiny_model, "The cat", "--greedy", "-n", "6", "--no-stream").stdout
+    )
 
 
 def test_directory_without_weights(cli, tiny_model: Path, tmp_path: Path) -> None:

@@ -32,7 +32,8 @@ def reference_nll(model_dir: Path, text: str, context: int, stride: int) -> tupl
         if begin not in cache:
             with torch.no_grad():
                 cache[begin] = torch.log_softmax(
-                    model(torch.tensor([ids[begin:min(begin + context, n)]])).logits[0].double(), -1)
+                    model(torch.tensor([ids[begin : min(begin + context, n)]])).logits[0].double(), -1
+                )
         total -= float(cache[begin][t - begin - 1, ids[t]])
         count += 1
     return total, count
@@ -47,16 +48,31 @@ def test_windows_score_every_token_once() -> None:
     for n, context, stride in [(10, 4, 2), (100, 16, 5), (17, 8, 7), (5, 8, 4), (2, 2, 1), (50, 10, 1)]:
         scored = [t for _, end, first in windows(n, context, stride) for t in range(first, end)]
         assert scored == list(range(1, n))
-        assert all(begin < first < end <= begin + context for begin, end, first in windows(n, context, stride))
+        assert all(
+            begin < first < end <= begin + context for begin, end, first in windows(n, context, stride)
+        )
 
 
 @pytest.mark.parametrize(("context", "stride"), [(64, 16), (128, 64), (32, 31)])
-def test_matches_independent_implementation(cli, tiny_model: Path, tmp_path: Path, long_text: str,
-                                            context: int, stride: int) -> None:
+def test_matches_independent_implementation(
+    cli, tiny_model: Path, tmp_path: Path, long_text: str, context: int, stride: int
+) -> None:
     path = tmp_path / "text.txt"
     path.write_text(long_text)
-    result = cli("perplexity", "-m", tiny_model, path, "--context", context, "--stride", stride,
-                 "--format", "json", "--batch-size", "3")
+    result = cli(
+        "perplexity",
+        "-m",
+        tiny_model,
+        path,
+        "--context",
+        context,
+        "--stride",
+        stride,
+        "--format",
+        "json",
+        "--batch-size",
+        "3",
+    )
     assert result.exit_code == 0, result.stderr
     got = json.loads(result.stdout)
     assert set(got) == {"perplexity", "nll", "tokens", "bytes", "bits_per_byte"}
@@ -73,8 +89,9 @@ def test_default_window_is_the_model_context(cli, tiny_model: Path, tmp_path: Pa
     path = tmp_path / "text.txt"
     path.write_text(long_text)
     default = json.loads(cli("perplexity", "-m", tiny_model, path, "-f", "json").stdout)
-    explicit = json.loads(cli("perplexity", "-m", tiny_model, path, "-f", "json", "--context", "128",
-                              "--stride", "64").stdout)
+    explicit = json.loads(
+        cli("perplexity", "-m", tiny_model, path, "-f", "json", "--context", "128", "--stride", "64").stdout
+    )
     assert default == explicit
 
 
@@ -96,14 +113,21 @@ def test_per_line_scores_each_line_alone(cli, tiny_model: Path, tmp_path: Path) 
     lines = ["The cat sees the moon.", "x", "A small bird sings to the green hill and the sea."]
     path = tmp_path / "lines.txt"
     path.write_text("\n".join(lines) + "\n")
-    rows = [json.loads(r) for r in cli("perplexity", "-m", tiny_model, path, "--per-line",
-                                       "--batch-size", "2").stdout.splitlines()]
+    rows = [
+        json.loads(r)
+        for r in cli(
+            "perplexity", "-m", tiny_model, path, "--per-line", "--batch-size", "2"
+        ).stdout.splitlines()
+    ]
     assert [r["text"] for r in rows] == lines and [r["line"] for r in rows] == [1, 2, 3]
     for row, line in zip(rows, lines, strict=True):
         alone = tmp_path / "alone.txt"
         alone.write_text(line)
-        ref = json.loads(cli("perplexity", "-m", tiny_model, alone, "-f", "json").stdout) if len(line) > 1 \
+        ref = (
+            json.loads(cli("perplexity", "-m", tiny_model, alone, "-f", "json").stdout)
+            if len(line) > 1
             else {"tokens": 0, "nll": None}
+        )
         assert row["tokens"] == ref["tokens"]
         if ref["nll"] is not None:
             assert row["nll"] == pytest.approx(ref["nll"], rel=1e-5)

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import run_llmkit
 
 HEAVY = ("torch", "transformers", "accelerate")
@@ -43,10 +42,17 @@ def test_closed_pipe_exits_quietly(tiny_model: Path, tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The cat sees\n" * 200)
     err = tmp_path / "err.txt"
-    cmd = (f"{sys.executable} -m llmkit generate -m {tiny_model} -i {prompts} -n 8 --batch-size 2 "
-           f"-f jsonl 2>{err} | head -1")
-    result = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    cmd = (
+        f"{sys.executable} -m llmkit generate -m {tiny_model} -i {prompts} -n 8 --batch-size 2 "
+        f"-f jsonl 2>{err} | head -1"
+    )
+    result = subprocess.run(
+        ["bash", "-c", cmd],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert result.stdout.count("\n") == 1
     stderr = err.read_text()
     assert "Traceback" not in stderr and "BrokenPipe" not in stderr and "Exception ignored" not in stderr
@@ -56,9 +62,27 @@ def test_ctrl_c_exits_130_without_traceback(tiny_model: Path, tmp_path: Path) ->
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The old king remembers\n" * 500)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llmkit", "generate", "-m", str(tiny_model), "-i", str(prompts), "-n", "60",
-         "--batch-size", "1", "-f", "jsonl"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        [
+            sys.executable,
+            "-m",
+            "llmkit",
+            "generate",
+            "-m",
+            str(tiny_model),
+            "-i",
+            str(prompts),
+            "-n",
+            "60",
+            "--batch-size",
+            "1",
+            "-f",
+            "jsonl",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert proc.stdout is not None
     first = proc.stdout.readline()  # generation is under way
     assert first.startswith("{")
@@ -73,9 +97,14 @@ def test_no_prompt_with_a_terminal_on_stdin_is_a_usage_error_not_a_hang(tiny_mod
     master, slave = pty.openpty()
     try:
         started = time.monotonic()
-        result = subprocess.run([sys.executable, "-m", "llmkit", "generate", "-m", str(tiny_model)],
-                                stdin=slave, capture_output=True, text=True, timeout=60,
-                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        result = subprocess.run(
+            [sys.executable, "-m", "llmkit", "generate", "-m", str(tiny_model)],
+            stdin=slave,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
     finally:
         os.close(master)
         os.close(slave)

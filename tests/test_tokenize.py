@@ -60,7 +60,8 @@ def test_token_strings_and_json(cli, tiny_model: Path) -> None:
     data = json.loads(cli("tokenize", "-m", tiny_model, "--tokens", "-f", "json", text).stdout)
     assert data == {"count": len(data["ids"]), "ids": tok(text)["input_ids"], "tokens": tok.tokenize(text)}
     assert json.loads(cli("tokenize", "-m", tiny_model, "-c", "-f", "json", text).stdout) == {
-        "count": len(data["ids"])}
+        "count": len(data["ids"])
+    }
 
 
 def test_decode_accepts_json_and_rejects_garbage(cli, tiny_model: Path) -> None:

@@ -25,7 +25,7 @@ def text_argument(words: list[str] | None, what: str) -> str:
             return open_text("-").read()
         except UnicodeDecodeError as exc:
             raise InputError(f"stdin is not valid UTF-8 (byte {exc.start})", "convert it to UTF-8") from None
-    raise UsageError(f"no {what} given", f"pass it as arguments, or pipe it in: echo 'text' | llmkit ... -")
+    raise UsageError(f"no {what} given", "pass it as arguments, or pipe it in: echo 'text' | llmkit ... -")
 
 
 def open_text(path: str, errors: str = "strict") -> TextIO:
@@ -64,18 +64,24 @@ def read_prompts(path: str, fmt: str = "auto") -> Iterator[tuple[Any, str]]:
             if not line.strip():
                 continue
             if fmt == "auto":
-                fmt = "jsonl" if path.endswith((".jsonl", ".json")) or line.lstrip().startswith("{") else "text"
+                fmt = (
+                    "jsonl" if path.endswith((".jsonl", ".json")) or line.lstrip().startswith("{") else "text"
+                )
             if fmt == "text":
                 yield Prompt(number, line.rstrip("\r\n"))
                 continue
             try:
                 obj = json.loads(line)
             except ValueError as exc:
-                raise InputError(f"{path}:{number}: invalid JSON: {exc.msg}",
-                                 'each line must be an object like {"id": 1, "prompt": "..."}') from None
+                raise InputError(
+                    f"{path}:{number}: invalid JSON: {exc.msg}",
+                    'each line must be an object like {"id": 1, "prompt": "..."}',
+                ) from None
             if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-                raise InputError(f'{path}:{number}: expected an object with a "prompt" string',
-                                 'each line must be an object like {"id": 1, "prompt": "..."}')
+                raise InputError(
+                    f'{path}:{number}: expected an object with a "prompt" string',
+                    'each line must be an object like {"id": 1, "prompt": "..."}',
+                )
             yield Prompt(obj.get("id", number), obj["prompt"])
     finally:
         if path != "-":

@@ -16,12 +16,14 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
 
     quiet_transformers(out.settings.verbose)
     lm = load(cfg)
-    out.detail(f"model {lm.source.name} ({lm.source.origin}: {lm.source.path}) on {lm.device}, "
-               f"{str(lm.dtype).removeprefix('torch.')}")
+    out.detail(
+        f"model {lm.source.name} ({lm.source.origin}: {lm.source.path}) on {lm.device}, "
+        f"{str(lm.dtype).removeprefix('torch.')}"
+    )
     return lm
 
 
-def load_tokenizer_only(cfg: LoadConfig):  # noqa: ANN201
+def load_tokenizer_only(cfg: LoadConfig):
     """For commands that need no weights: resolve and check the model, load just its tokenizer."""
     from llmkit.models import load_tokenizer, quiet_transformers, resolve
 

@@ -42,8 +42,12 @@ class LlmkitGroup(TyperGroup):
         except Exception as exc:
             if out.debug_enabled():
                 raise
-            out.error(LlmkitError(f"unexpected {type(exc).__name__}: {exc}",
-                                  "this is probably a bug in llmkit: rerun with --debug and report the traceback"))
+            out.error(
+                LlmkitError(
+                    f"unexpected {type(exc).__name__}: {exc}",
+                    "this is probably a bug in llmkit: rerun with --debug and report the traceback",
+                )
+            )
             raise typer.Exit(1) from None
 
 
@@ -77,10 +81,12 @@ def _version(value: bool) -> None:
 def _global(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More detail on stderr.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")] = False,
-    debug: Annotated[bool, typer.Option("--debug", envvar="LLMKIT_DEBUG",
-                                        help="Show tracebacks for errors.")] = False,
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                          help="Print the version and exit.")] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", envvar="LLMKIT_DEBUG", help="Show tracebacks for errors.")
+    ] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     out.settings.verbose, out.settings.quiet, out.settings.debug = verbose, quiet, debug
 

@@ -18,17 +18,31 @@ Examples:
 
 
 def perplexity(
-    files: Annotated[list[str] | None, typer.Argument(
-        help="Text files to score; `-` (or nothing, with stdin piped) reads stdin.", show_default=False)] = None,
+    files: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Text files to score; `-` (or nothing, with stdin piped) reads stdin.", show_default=False
+        ),
+    ] = None,
     model: ModelOpt = "gpt2",
-    context: Annotated[int | None, typer.Option("--context", help="Window length in tokens "
-                                                "(default: the model's context).", show_default=False)] = None,
-    stride: Annotated[int | None, typer.Option("--stride", help="How far each window advances "
-                                               "(default: context / 2).", show_default=False)] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Windows (or lines) per "
-                                            "forward pass.")] = 4,
-    per_line: Annotated[bool, typer.Option("--per-line", help="Score each line on its own; write JSONL.")
-                        ] = False,
+    context: Annotated[
+        int | None,
+        typer.Option(
+            "--context", help="Window length in tokens (default: the model's context).", show_default=False
+        ),
+    ] = None,
+    stride: Annotated[
+        int | None,
+        typer.Option(
+            "--stride", help="How far each window advances (default: context / 2).", show_default=False
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", help="Windows (or lines) per forward pass.")
+    ] = 4,
+    per_line: Annotated[
+        bool, typer.Option("--per-line", help="Score each line on its own; write JSONL.")
+    ] = False,
     fmt: FormatOpt = "text",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -62,7 +76,7 @@ def perplexity(
     _report(results, fmt)
 
 
-def _score_file(lm, path: str, stream, cfg):  # noqa: ANN001, ANN202
+def _score_file(lm, path: str, stream, cfg):
     from llmkit.errors import InputError
     from llmkit.scoring import perplexity as score
     from llmkit.tokens import iter_ids
@@ -70,8 +84,9 @@ def _score_file(lm, path: str, stream, cfg):  # noqa: ANN001, ANN202
     label = "stdin" if path == "-" else path
     try:
         with out.progress(f"scoring {label}", None, unit="windows") as bar:
-            return score(lm, iter_ids(lm.tokenizer, stream), cfg, on_window=lambda: out.advance(bar),
-                         label=label)
+            return score(
+                lm, iter_ids(lm.tokenizer, stream), cfg, on_window=lambda: out.advance(bar), label=label
+            )
     except UnicodeDecodeError as exc:
         raise InputError(f"{label}: not valid UTF-8 (byte {exc.start})", "convert it to UTF-8") from None
 
@@ -88,11 +103,13 @@ def _report(results: list, fmt: str) -> None:
         return
     rows = results + ([("total", total)] if len(results) > 1 else [])
     for path, score in rows:
-        out.write(f"{path}: perplexity {score.perplexity:.4f}  nll {score.nll:.4f}  "
-                  f"bits/byte {score.bits_per_byte:.4f}  ({score.tokens} tokens, {score.bytes} bytes)\n")
+        out.write(
+            f"{path}: perplexity {score.perplexity:.4f}  nll {score.nll:.4f}  "
+            f"bits/byte {score.bits_per_byte:.4f}  ({score.tokens} tokens, {score.bytes} bytes)\n"
+        )
 
 
-def _per_line(lm, streams: list, cfg) -> None:  # noqa: ANN001
+def _per_line(lm, streams: list, cfg) -> None:
     from llmkit.scoring import per_line
 
     for path, stream in streams:

@@ -21,12 +21,17 @@ Examples:
 
 
 def tokenize(
-    text: Annotated[list[str] | None, typer.Argument(
-        help="Text to tokenize (joined by spaces). `-`, or nothing with stdin piped, reads stdin.",
-        show_default=False)] = None,
+    text: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Text to tokenize (joined by spaces). `-`, or nothing with stdin piped, reads stdin.",
+            show_default=False,
+        ),
+    ] = None,
     model: ModelOpt = "gpt2",
-    file: Annotated[str | None, typer.Option("--file", help="Read the text from this file.",
-                                             show_default=False)] = None,
+    file: Annotated[
+        str | None, typer.Option("--file", help="Read the text from this file.", show_default=False)
+    ] = None,
     tokens: Annotated[bool, typer.Option("--tokens", help="Print token strings instead of ids.")] = False,
     count: Annotated[bool, typer.Option("--count", "-c", help="Print only the number of tokens.")] = False,
     decode: Annotated[bool, typer.Option("--decode", "-d", help="Read ids, print the text.")] = False,
@@ -61,7 +66,7 @@ def tokenize(
     _encode(tokenizer, stream, fmt, tokens=tokens, count=count, label=file or "stdin")
 
 
-def _encode(tokenizer, stream, fmt: str, *, tokens: bool, count: bool, label: str) -> None:  # noqa: ANN001
+def _encode(tokenizer, stream, fmt: str, *, tokens: bool, count: bool, label: str) -> None:
     from llmkit.errors import InputError
     from llmkit.tokens import iter_ids
 
@@ -92,21 +97,25 @@ def _encode(tokenizer, stream, fmt: str, *, tokens: bool, count: bool, label: st
         out.write("\n")
 
 
-def _decode(tokenizer, raw: str, fmt: str) -> None:  # noqa: ANN001
+def _decode(tokenizer, raw: str, fmt: str) -> None:
     from llmkit.errors import InputError
 
     raw = raw.strip()
     try:
         ids = json.loads(raw) if raw.startswith("[") else [int(x) for x in re.split(r"[\s,]+", raw) if x]
     except ValueError:
-        raise InputError("--decode expects token ids: integers separated by spaces or commas, or a JSON "
-                         "list", "for example: 464 2068 7586") from None
+        raise InputError(
+            "--decode expects token ids: integers separated by spaces or commas, or a JSON list",
+            "for example: 464 2068 7586",
+        ) from None
     if not all(isinstance(i, int) for i in ids):
         raise InputError("--decode expects a JSON list of integers")
     bad = [i for i in ids if not 0 <= i < len(tokenizer)]
     if bad:
-        raise InputError(f"token id {bad[0]} is outside the vocabulary (0 to {len(tokenizer) - 1})",
-                         "were these ids made with another model's tokenizer?")
+        raise InputError(
+            f"token id {bad[0]} is outside the vocabulary (0 to {len(tokenizer) - 1})",
+            "were these ids made with another model's tokenizer?",
+        )
     text = tokenizer.decode(ids, clean_up_tokenization_spaces=False)
     if fmt == "json":
         out.write_json({"text": text, "count": len(ids)})
