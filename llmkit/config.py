@@ -139,3 +139,110 @@ class PerplexityConfig:
                 "windows must overlap by at least one token so every token is scored with context",
             )
         _check(self.batch_size >= 1, "--batch-size must be at least 1")
+
+
+MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
+Schedule = Literal["cosine", "linear", "constant"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a fine-tuning run; saved as `llmkit.json` next to the model."""
+
+    data: list[str]
+    """Training text: files, directories, or `-` for stdin."""
+    output: str
+    """Output directory (a Hugging Face model directory when the run ends)."""
+    model: str = "gpt2"
+    """Base model: local directory, built-in name or hub id."""
+    from_scratch: bool = False
+    """Random initialisation from the base model's config instead of its weights."""
+    tokenizer: str | None = None
+    """Another tokenizer directory (from-scratch runs)."""
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_embd: int | None = None
+    context: int | None = None
+    """From-scratch architecture overrides."""
+    block_size: int | None = None
+    """Tokens per training block; None: min(model context, 1024)."""
+    text_field: str = "text"
+    glob: str | None = None
+    errors: str = "replace"
+    num_proc: int = 1
+    cache_dir: str | None = None
+    no_cache: bool = False
+    val_file: str | None = None
+    val_split: float = 0.05
+    epochs: float | None = None
+    """Passes over the training blocks (default 1 when --max-steps is not given)."""
+    max_steps: int | None = None
+    """Optimizer steps; overrides epochs."""
+    batch_size: int = 8
+    """Blocks per micro-batch per process."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float | None = None
+    """Peak learning rate; None: 5e-5 fine-tuning, 6e-4 from scratch."""
+    weight_decay: float = 0.01
+    """AdamW decay on matrices (none on biases and LayerNorm weights)."""
+    lr_schedule: Schedule = "cosine"
+    warmup_steps: int | None = None
+    warmup_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    """Gradient clipping; 0 disables."""
+    mixed_precision: MixedPrecision = "auto"
+    """auto: bf16 on GPUs that support it, else fp32 (no)."""
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    eval_every: int = 0
+    """Validation every N steps (and always at the end); 0: only at the end."""
+    sample_every: int = 0
+    sample_prompt: str = ""
+    sample_tokens: int = 40
+    log_every: int = 10
+    report_to: str | None = None
+    """An accelerate tracker: tensorboard, wandb, …"""
+    overwrite: bool = False
+    device: str = "auto"
+    offline: bool = False
+    allow_pickle: bool = False
+
+    def __post_init__(self) -> None:
+        _check(bool(self.data), "no training data given", "pass text files, directories, or - for stdin")
+        _check(self.epochs is None or self.epochs > 0, "--epochs must be positive")
+        _check(self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1")
+        _check(self.batch_size >= 1, "--batch-size must be at least 1")
+        _check(self.grad_accum >= 1, "--grad-accum must be at least 1")
+        _check(self.lr is None or self.lr > 0, "--lr must be positive")
+        _check(self.weight_decay >= 0, "--weight-decay must be 0 or more")
+        _check(self.lr_schedule in ("cosine", "linear", "constant"), "--lr-schedule must be cosine, linear "
+               "or constant")
+        _check(self.warmup_steps is None or self.warmup_steps >= 0, "--warmup-steps must be 0 or more")
+        _check(0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)")
+        _check(self.max_grad_norm >= 0, "--max-grad-norm must be 0 or more")
+        _check(self.mixed_precision in ("auto", "no", "bf16", "fp16"), "--mixed-precision must be auto, no, "
+               "bf16 or fp16")
+        _check(self.block_size is None or self.block_size >= 2, "--block-size must be at least 2")
+        _check(0 <= self.val_split < 1, "--val-split must be in [0, 1)")
+        _check(self.num_proc >= 1, "--num-proc must be at least 1")
+        _check(self.errors in ("strict", "replace"), "--errors must be strict or replace")
+        for name in ("eval_every", "sample_every"):
+            _check(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be 0 or more")
+        _check(self.log_every >= 1, "--log-every must be at least 1")
+        _check(self.sample_tokens >= 1, "--sample-tokens must be at least 1")
+        for name in ("n_layer", "n_head", "n_embd", "context"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, f"--{name.replace('_', '-')} must be at least 1")
+            _check(value is None or self.from_scratch, f"--{name.replace('_', '-')} needs --from-scratch",
+                   "a pretrained model's shape is fixed")
+        _check(self.tokenizer is None or self.from_scratch, "--tokenizer needs --from-scratch",
+               "a pretrained model is tied to its own tokenizer")
+        if self.n_embd is not None and self.n_head is not None:
+            _check(self.n_embd % self.n_head == 0, "--n-embd must be divisible by --n-head")
+
+    @property
+    def peak_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 6e-4 if self.from_scratch else 5e-5

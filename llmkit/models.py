@@ -20,6 +20,7 @@ SAFETENSORS_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
 PICKLE_PATTERNS = ("pytorch_model*.bin", "pytorch_model.bin.index.json")
 # Everything a GPT-2-style checkpoint needs, and nothing else (no TF/Flax/ONNX copies).
 HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken", *SAFETENSORS_PATTERNS]
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 NO_CACHE_HINT = "pass a local directory with --model, or connect once to download it"
 
 
@@ -61,8 +62,17 @@ def builtin_names() -> list[str]:
     return sorted(p.name for p in BUILTIN_DIR.iterdir() if (p / CONFIG_FILE).is_file())
 
 
-def resolve(name: str, *, offline: bool = False, allow_pickle: bool = False) -> ModelSource:
-    """Map --model to a directory on disk: a local directory, a built-in model, or the hub cache."""
+def resolve(
+    name: str,
+    *,
+    offline: bool = False,
+    allow_pickle: bool = False,
+    weights: bool = True,
+) -> ModelSource:
+    """Map --model to a directory on disk: a local directory, a built-in model, or the hub cache.
+
+    `weights=False` is for runs that only need the config and tokenizer (training from scratch).
+    """
     path = Path(name).expanduser()
     if path.is_dir():
         source = ModelSource(name, path.resolve(), "local directory")
@@ -75,7 +85,7 @@ def resolve(name: str, *, offline: bool = False, allow_pickle: bool = False) -> 
         )
     else:
         source = ModelSource(name, _from_hub(name, offline=offline, allow_pickle=allow_pickle), "hub cache")
-    check_model_dir(source.path, allow_pickle=allow_pickle, name=name)
+    check_model_dir(source.path, allow_pickle=allow_pickle, name=name, weights=weights)
     return source
 
 
@@ -121,7 +131,7 @@ def _from_hub(repo_id: str, *, offline: bool, allow_pickle: bool) -> Path:
         raise ModelError(f"could not download {repo_id!r}: {exc}", NO_CACHE_HINT) from None
 
 
-def check_model_dir(path: Path, *, allow_pickle: bool, name: str | None = None) -> None:
+def check_model_dir(path: Path, *, allow_pickle: bool, name: str | None = None, weights: bool = True) -> None:
     """Refuse what we can't or shouldn't load before transformers gets a chance to fail obscurely."""
     label = name or str(path)
     config_path = path / CONFIG_FILE
@@ -137,7 +147,7 @@ def check_model_dir(path: Path, *, allow_pickle: bool, name: str | None = None) 
     _check_causal(config, label)
     has_safetensors = any(any(path.glob(p)) for p in SAFETENSORS_PATTERNS)
     has_pickle = any(any(path.glob(p)) for p in PICKLE_PATTERNS)
-    if not has_safetensors:
+    if weights and not has_safetensors:
         if has_pickle and not allow_pickle:
             raise ModelError(
                 f"{label} has only pickle weights (.bin), which can run code when loaded",
@@ -148,11 +158,15 @@ def check_model_dir(path: Path, *, allow_pickle: bool, name: str | None = None) 
                 f"{label} has no weights (*.safetensors)",
                 "save the model with save_pretrained, or pass another directory",
             )
-    if not any((path / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer.model")):
+    if not has_tokenizer(path):
         raise ModelError(
             f"{label} has no tokenizer files (tokenizer.json, or vocab.json and merges.txt)",
             "save the tokenizer next to the model with tokenizer.save_pretrained(DIR)",
         )
+
+
+def has_tokenizer(path: Path) -> bool:
+    return any((path / f).is_file() for f in TOKENIZER_FILES)
 
 
 def _check_causal(config: dict[str, Any], label: str) -> None:

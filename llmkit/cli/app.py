@@ -62,7 +62,7 @@ def _silence_stdout() -> None:
 app = typer.Typer(
     name="llmkit",
     cls=LlmkitGroup,
-    help="A command line for GPT-2-family language models: generate, score, tokenize, inspect.",
+    help="A command line for GPT-2-family language models: generate, score, tokenize, inspect, fine-tune.",
     context_settings={"help_option_names": ["-h", "--help"]},
     no_args_is_help=True,
     add_completion=False,
@@ -93,12 +93,15 @@ def _global(
 
 def _register() -> None:
     # Command modules import only typer and stdlib at module level; heavy imports live in their bodies.
-    from llmkit.cli import generate, info, perplexity, tokenize
+    from llmkit.cli import finetune, generate, info, perplexity, plot, tokenize, train_tokenizer
 
     app.command("generate", epilog=generate.EXAMPLES)(generate.generate)
     app.command("tokenize", epilog=tokenize.EXAMPLES)(tokenize.tokenize)
     app.command("perplexity", epilog=perplexity.EXAMPLES)(perplexity.perplexity)
     app.command("info", epilog=info.EXAMPLES)(info.info)
+    app.command("finetune", epilog=finetune.EXAMPLES)(finetune.finetune)
+    app.command("train-tokenizer", epilog=train_tokenizer.EXAMPLES)(train_tokenizer.train_tokenizer)
+    app.command("plot", epilog=plot.EXAMPLES)(plot.plot)
 
 
 _register()
