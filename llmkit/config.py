@@ -216,13 +216,17 @@ class TrainConfig:
         _check(self.grad_accum >= 1, "--grad-accum must be at least 1")
         _check(self.lr is None or self.lr > 0, "--lr must be positive")
         _check(self.weight_decay >= 0, "--weight-decay must be 0 or more")
-        _check(self.lr_schedule in ("cosine", "linear", "constant"), "--lr-schedule must be cosine, linear "
-               "or constant")
+        _check(
+            self.lr_schedule in ("cosine", "linear", "constant"),
+            "--lr-schedule must be cosine, linear or constant",
+        )
         _check(self.warmup_steps is None or self.warmup_steps >= 0, "--warmup-steps must be 0 or more")
         _check(0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)")
         _check(self.max_grad_norm >= 0, "--max-grad-norm must be 0 or more")
-        _check(self.mixed_precision in ("auto", "no", "bf16", "fp16"), "--mixed-precision must be auto, no, "
-               "bf16 or fp16")
+        _check(
+            self.mixed_precision in ("auto", "no", "bf16", "fp16"),
+            "--mixed-precision must be auto, no, bf16 or fp16",
+        )
         _check(self.block_size is None or self.block_size >= 2, "--block-size must be at least 2")
         _check(0 <= self.val_split < 1, "--val-split must be in [0, 1)")
         _check(self.num_proc >= 1, "--num-proc must be at least 1")
@@ -234,10 +238,16 @@ class TrainConfig:
         for name in ("n_layer", "n_head", "n_embd", "context"):
             value = getattr(self, name)
             _check(value is None or value >= 1, f"--{name.replace('_', '-')} must be at least 1")
-            _check(value is None or self.from_scratch, f"--{name.replace('_', '-')} needs --from-scratch",
-                   "a pretrained model's shape is fixed")
-        _check(self.tokenizer is None or self.from_scratch, "--tokenizer needs --from-scratch",
-               "a pretrained model is tied to its own tokenizer")
+            _check(
+                value is None or self.from_scratch,
+                f"--{name.replace('_', '-')} needs --from-scratch",
+                "a pretrained model's shape is fixed",
+            )
+        _check(
+            self.tokenizer is None or self.from_scratch,
+            "--tokenizer needs --from-scratch",
+            "a pretrained model is tied to its own tokenizer",
+        )
         if self.n_embd is not None and self.n_head is not None:
             _check(self.n_embd % self.n_head == 0, "--n-embd must be divisible by --n-head")
 

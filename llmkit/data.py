@@ -688,6 +688,7 @@ def _check_options(
 
 def _remove_temporary(path: Path) -> None:
     path.unlink(missing_ok=True)
+    path.with_suffix(".json").unlink(missing_ok=True)
     with contextlib.suppress(OSError):  # another corpus of the same run may still be there
         path.parent.rmdir()
 

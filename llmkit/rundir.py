@@ -22,9 +22,19 @@ CARD = "README.md"
 CHECKPOINTS = "checkpoints"
 # What a run of ours leaves in OUT; anything else means the directory belongs to someone else.
 OURS = {METADATA, METRICS, CARD, CHECKPOINTS, "runs", "loss.png"}
-MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-               "merges.txt", "added_tokens.json", "chat_template.jinja")
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
 TEMP_PREFIX = ".llmkit-tmp-"
 
 
@@ -38,8 +48,10 @@ def claim(path: Path, *, overwrite: bool) -> None:
         raise OutputError(f"{path} exists and is not a directory", "pass a directory path with -o")
     if path.is_dir():
         if any(path.iterdir()) and not is_llmkit_run(path) and not overwrite:
-            raise OutputError(f"{path} is not empty and is not an earlier llmkit run",
-                              "pick another -o, or pass --overwrite to replace the model files in it")
+            raise OutputError(
+                f"{path} is not empty and is not an earlier llmkit run",
+                "pick another -o, or pass --overwrite to replace the model files in it",
+            )
         # Remove what an earlier run left, config.json first so OUT stops looking like a finished model.
         for name in ("config.json", METADATA, *MODEL_FILES, METRICS, CARD):
             (path / name).unlink(missing_ok=True)
@@ -51,8 +63,10 @@ def claim(path: Path, *, overwrite: bool) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
-        raise OutputError(f"cannot write to {path}: {exc.strerror or exc}",
-                          "check the path and its permissions, or pick another -o") from None
+        raise OutputError(
+            f"cannot write to {path}: {exc.strerror or exc}",
+            "check the path and its permissions, or pick another -o",
+        ) from None
 
 
 @dataclass
@@ -89,8 +103,10 @@ def save_final(out: Path, model: Any, tokenizer: Any, metadata: dict[str, Any], 
             _fsync(tmp / name)
             os.replace(tmp / name, out / name)
     except OSError as exc:
-        raise OutputError(f"could not save the model to {out}: {exc.strerror or exc}",
-                          "free some space or pick another -o; OUT was not left looking complete") from None
+        raise OutputError(
+            f"could not save the model to {out}: {exc.strerror or exc}",
+            "free some space or pick another -o; OUT was not left looking complete",
+        ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -26,6 +26,7 @@ def build_tiny_model(
     n_embd: int = 64,
     n_positions: int = 128,
     seed: int = 0,
+    dropout: float = 0.1,
 ) -> Path:
     """Random-weight GPT-2 with a BPE tokenizer trained on generated sentences, saved to `out`."""
     import torch
@@ -47,6 +48,9 @@ def build_tiny_model(
         n_head=n_head,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
     )
     model = GPT2LMHeadModel(config)
     out.mkdir(parents=True, exist_ok=True)

@@ -106,12 +106,18 @@ def _accelerator(cfg: TrainConfig, out: Path) -> Accelerator:
     device = pick_device(cfg.device)
     precision = _mixed_precision(cfg, device.type)
     try:
-        return Accelerator(cpu=device.type == "cpu", mixed_precision=precision,
-                           gradient_accumulation_steps=cfg.grad_accum, log_with=cfg.report_to,
-                           project_dir=str(out))
+        return Accelerator(
+            cpu=device.type == "cpu",
+            mixed_precision=precision,
+            gradient_accumulation_steps=cfg.grad_accum,
+            log_with=cfg.report_to,
+            project_dir=str(out),
+        )
     except (ImportError, ValueError) as exc:
-        raise UsageError(f"cannot set up training: {exc}",
-                         "check --report-to (its package must be installed) and --mixed-precision") from None
+        raise UsageError(
+            f"cannot set up training: {exc}",
+            "check --report-to (its package must be installed) and --mixed-precision",
+        ) from None
 
 
 def _build_model(cfg: TrainConfig) -> tuple[Any, Any]:
@@ -120,22 +126,31 @@ def _build_model(cfg: TrainConfig) -> tuple[Any, Any]:
 
     from llmkit.models import has_tokenizer, load_tokenizer, resolve
 
-    source = resolve(cfg.model, offline=cfg.offline, allow_pickle=cfg.allow_pickle,
-                     weights=not cfg.from_scratch)
+    source = resolve(
+        cfg.model, offline=cfg.offline, allow_pickle=cfg.allow_pickle, weights=not cfg.from_scratch
+    )
     if cfg.tokenizer is not None:
         tok_dir = Path(cfg.tokenizer)
         if not (tok_dir.is_dir() and has_tokenizer(tok_dir)):
-            raise ModelError(f"{cfg.tokenizer} is not a tokenizer directory",
-                             "make one with: llmkit train-tokenizer DATA -o DIR")
+            raise ModelError(
+                f"{cfg.tokenizer} is not a tokenizer directory",
+                "make one with: llmkit train-tokenizer DATA -o DIR",
+            )
         tokenizer = load_tokenizer(tok_dir, cfg.tokenizer)
     else:
         tokenizer = load_tokenizer(source.path, cfg.model)
     if tokenizer.eos_token_id is None:
-        raise ModelError(f"the tokenizer of {cfg.tokenizer or cfg.model} has no end-of-text token",
-                         "documents are joined with it; train one with llmkit train-tokenizer")
+        raise ModelError(
+            f"the tokenizer of {cfg.tokenizer or cfg.model} has no end-of-text token",
+            "documents are joined with it; train one with llmkit train-tokenizer",
+        )
     if not cfg.from_scratch:
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype="float32", local_files_only=True,
-                                                     use_safetensors=None if cfg.allow_pickle else True)
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path,
+            dtype="float32",
+            local_files_only=True,
+            use_safetensors=None if cfg.allow_pickle else True,
+        )
         return model, tokenizer
     config = AutoConfig.from_pretrained(source.path, local_files_only=True)
     overrides = {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd}
@@ -145,10 +160,14 @@ def _build_model(cfg: TrainConfig) -> tuple[Any, Any]:
     if cfg.context is not None:
         config.n_positions = cfg.context
     if config.n_embd % config.n_head:
-        raise UsageError(f"n_embd {config.n_embd} is not divisible by n_head {config.n_head}",
-                         "pick --n-embd and --n-head so that heads split the width evenly")
+        raise UsageError(
+            f"n_embd {config.n_embd} is not divisible by n_head {config.n_head}",
+            "pick --n-embd and --n-head so that heads split the width evenly",
+        )
     config.vocab_size = len(tokenizer)
-    config.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    config.bos_token_id = (
+        tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    )
     config.eos_token_id = tokenizer.eos_token_id
     return AutoModelForCausalLM.from_config(config), tokenizer
 
@@ -162,8 +181,9 @@ def _optimizer(model: Any, cfg: TrainConfig, device_type: str) -> torch.optim.Op
             # Matrices decay; biases and LayerNorm weights (vectors) don't.
             (decay if param.dim() >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.peak_lr, betas=(0.9, 0.95 if cfg.from_scratch else 0.999),
-                             fused=device_type == "cuda")
+    return torch.optim.AdamW(
+        groups, lr=cfg.peak_lr, betas=(0.9, 0.95 if cfg.from_scratch else 0.999), fused=device_type == "cuda"
+    )
 
 
 def _warmup(cfg: TrainConfig, total_steps: int) -> int:
@@ -205,8 +225,10 @@ class Trainer:
         context = context_length(model.config)
         block_size = cfg.block_size or min(context, 1024)
         if block_size > context:
-            raise UsageError(f"--block-size {block_size} exceeds the model's context of {context}",
-                             f"use at most {context}")
+            raise UsageError(
+                f"--block-size {block_size} exceeds the model's context of {context}",
+                f"use at most {context}",
+            )
         with acc.main_process_first():
             data = self._data(tokenizer, block_size, main)
         self.data = data
@@ -214,10 +236,12 @@ class Trainer:
         global_batch = cfg.batch_size * cfg.grad_accum * world
         steps_per_epoch = len(data.train) // global_batch
         if steps_per_epoch == 0:
-            raise InputError(f"{len(data.train)} training blocks are fewer than one step's "
-                             f"{global_batch} ({cfg.batch_size} per batch × {cfg.grad_accum} accumulation × "
-                             f"{world} processes)", "lower --batch-size, --grad-accum or --block-size, "
-                             "or add more text")
+            raise InputError(
+                f"{len(data.train)} training blocks are fewer than one step's "
+                f"{global_batch} ({cfg.batch_size} per batch × {cfg.grad_accum} accumulation × "
+                f"{world} processes)",
+                "lower --batch-size, --grad-accum or --block-size, or add more text",
+            )
         total = cfg.max_steps or math.ceil((cfg.epochs or 1.0) * steps_per_epoch)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -234,14 +258,30 @@ class Trainer:
         acc.register_for_checkpointing(scheduler)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         stats = data.stats()
-        plan = Plan(stats["documents"], stats["tokens"], stats["invalid_bytes"], stats["cache_hits"], block_size,
-                    len(data.train), len(data.val) if data.val is not None else 0, steps_per_epoch, total,
-                    global_batch, world, str(acc.device), acc.mixed_precision,
-                    sum(p.numel() for p in acc.unwrap_model(model).parameters()), cfg.peak_lr, warmup)
+        plan = Plan(
+            stats["documents"],
+            stats["tokens"],
+            stats["invalid_bytes"],
+            stats["cache_hits"],
+            block_size,
+            len(data.train),
+            len(data.val) if data.val is not None else 0,
+            steps_per_epoch,
+            total,
+            global_batch,
+            world,
+            str(acc.device),
+            acc.mixed_precision,
+            sum(p.numel() for p in acc.unwrap_model(model).parameters()),
+            cfg.peak_lr,
+            warmup,
+        )
         self.plan = plan
         if cfg.report_to:
-            acc.init_trackers("llmkit", config={k: v for k, v in asdict(cfg).items()
-                                                if isinstance(v, int | float | str | bool)})
+            acc.init_trackers(
+                "llmkit",
+                config={k: v for k, v in asdict(cfg).items() if isinstance(v, int | float | str | bool)},
+            )
         metrics = rundir.MetricsLog.open(self.out) if main else None
         if main:
             yield plan
@@ -263,7 +303,9 @@ class Trainer:
             base = (step % steps_per_epoch) * global_batch
             for k in range(cfg.grad_accum):
                 start = base + (k * world + rank) * cfg.batch_size
-                batch = torch.from_numpy(data.train.batch(order[start:start + cfg.batch_size])).to(acc.device)
+                batch = torch.from_numpy(data.train.batch(order[start : start + cfg.batch_size])).to(
+                    acc.device
+                )
                 with acc.accumulate(model), acc.autocast():
                     loss = model(input_ids=batch, labels=batch).loss
                     running += loss.detach()
@@ -286,8 +328,14 @@ class Trainer:
             micro_steps = 0
             now = time.perf_counter()
             tokens = step * tokens_per_step
-            record = Metrics(step, round(step / steps_per_epoch, 4), mean_loss, scheduler.get_last_lr()[0],
-                             tokens, round((tokens - last_tokens) / max(now - last_time, 1e-9), 1))
+            record = Metrics(
+                step,
+                round(step / steps_per_epoch, 4),
+                mean_loss,
+                scheduler.get_last_lr()[0],
+                tokens,
+                round((tokens - last_tokens) / max(now - last_time, 1e-9), 1),
+            )
             last_time, last_tokens = now, tokens
             losses.append(mean_loss)
             if eval_now and data.val is not None:
@@ -317,10 +365,21 @@ class Trainer:
         from llmkit.data import prepare
 
         cfg = self.cfg
-        return prepare(cfg.data, tokenizer, block_size=block_size, val_file=cfg.val_file, val_split=cfg.val_split,
-                       seed=cfg.seed, text_field=cfg.text_field, glob=cfg.glob, errors=cfg.errors,
-                       num_proc=cfg.num_proc, cache_dir=cfg.cache_dir, no_cache=cfg.no_cache,
-                       on_progress=self.on_tokenize if main else None)
+        return prepare(
+            cfg.data,
+            tokenizer,
+            block_size=block_size,
+            val_file=cfg.val_file,
+            val_split=cfg.val_split,
+            seed=cfg.seed,
+            text_field=cfg.text_field,
+            glob=cfg.glob,
+            errors=cfg.errors,
+            num_proc=cfg.num_proc,
+            cache_dir=cfg.cache_dir,
+            no_cache=cfg.no_cache,
+            on_progress=self.on_tokenize if main else None,
+        )
 
     def evaluate(self) -> float:
         """Mean loss per predicted token over the validation blocks, split across processes."""
@@ -334,7 +393,7 @@ class Trainer:
         model.eval()
         with torch.no_grad():
             for i in range(0, len(mine), self.cfg.batch_size):
-                batch = torch.from_numpy(val.batch(mine[i:i + self.cfg.batch_size])).to(acc.device)
+                batch = torch.from_numpy(val.batch(mine[i : i + self.cfg.batch_size])).to(acc.device)
                 with acc.autocast():
                     loss = model(input_ids=batch, labels=batch).loss
                 n = batch.numel() - batch.size(0)  # each block predicts all but its first token
@@ -356,10 +415,19 @@ class Trainer:
         model.eval()
         try:
             with torch.random.fork_rng(devices=[self.acc.device] if self.acc.device.type == "cuda" else []):
-                lm = LoadedModel(model, self.tokenizer, self.acc.device, next(model.parameters()).dtype,
-                                 ModelSource("training", self.out, "training"))
-                gen = Generator(lm, GenerateConfig(max_new_tokens=self.cfg.sample_tokens, seed=self.cfg.seed,
-                                                   temperature=0.8, top_k=40))
+                lm = LoadedModel(
+                    model,
+                    self.tokenizer,
+                    self.acc.device,
+                    next(model.parameters()).dtype,
+                    ModelSource("training", self.out, "training"),
+                )
+                gen = Generator(
+                    lm,
+                    GenerateConfig(
+                        max_new_tokens=self.cfg.sample_tokens, seed=self.cfg.seed, temperature=0.8, top_k=40
+                    ),
+                )
                 return next(gen.run([Prompt(0, self.cfg.sample_prompt)])).completion
         finally:
             model.train()
@@ -388,8 +456,12 @@ class Trainer:
             "parameters": plan.parameters,
             "data": self.data.stats(),
             "metrics": {**final.record(), "seconds": round(seconds, 2)},
-            "versions": {"llmkit": __version__, "torch": torch.__version__,
-                         "transformers": transformers.__version__, "accelerate": accelerate.__version__},
+            "versions": {
+                "llmkit": __version__,
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "accelerate": accelerate.__version__,
+            },
         }
         rundir.save_final(self.out, model, self.tokenizer, meta, modelcard.render(meta))
 

@@ -63,3 +63,9 @@ def run_llmkit(
         env=full_env,
         timeout=timeout,
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_model_nodrop(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model without dropout, so differently split batches give the same gradients."""
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-nodrop", dropout=0.0)

@@ -19,68 +19,129 @@ SPARKS = "▁▂▃▄▅▆▇█"
 
 
 def finetune(
-    data: Annotated[list[str], typer.Argument(help="Text files, directories, or - for stdin.",
-                                              show_default=False)],
-    output: Annotated[str, typer.Option("--output", "-o", help="Output directory (a model directory at the end).",
-                                        show_default=False)],
+    data: Annotated[
+        list[str], typer.Argument(help="Text files, directories, or - for stdin.", show_default=False)
+    ],
+    output: Annotated[
+        str,
+        typer.Option(
+            "--output", "-o", help="Output directory (a model directory at the end).", show_default=False
+        ),
+    ],
     model: ModelOpt = "gpt2",
-    from_scratch: Annotated[bool, typer.Option("--from-scratch", help="Random weights from the base model's "
-                                               "config.")] = False,
-    tokenizer: Annotated[str | None, typer.Option("--tokenizer", help="Tokenizer directory for --from-scratch.",
-                                                  show_default=False)] = None,
-    n_layer: Annotated[int | None, typer.Option("--n-layer", help="From scratch: layers.", show_default=False)] = None,
-    n_head: Annotated[int | None, typer.Option("--n-head", help="From scratch: attention heads.",
-                                               show_default=False)] = None,
-    n_embd: Annotated[int | None, typer.Option("--n-embd", help="From scratch: embedding width.",
-                                               show_default=False)] = None,
-    context: Annotated[int | None, typer.Option("--context", help="From scratch: context length.",
-                                                show_default=False)] = None,
-    block_size: Annotated[int | None, typer.Option("--block-size", help="Tokens per block "
-                                                   "(default: min(context, 1024)).", show_default=False)] = None,
+    from_scratch: Annotated[
+        bool, typer.Option("--from-scratch", help="Random weights from the base model's config.")
+    ] = False,
+    tokenizer: Annotated[
+        str | None,
+        typer.Option("--tokenizer", help="Tokenizer directory for --from-scratch.", show_default=False),
+    ] = None,
+    n_layer: Annotated[
+        int | None, typer.Option("--n-layer", help="From scratch: layers.", show_default=False)
+    ] = None,
+    n_head: Annotated[
+        int | None, typer.Option("--n-head", help="From scratch: attention heads.", show_default=False)
+    ] = None,
+    n_embd: Annotated[
+        int | None, typer.Option("--n-embd", help="From scratch: embedding width.", show_default=False)
+    ] = None,
+    context: Annotated[
+        int | None, typer.Option("--context", help="From scratch: context length.", show_default=False)
+    ] = None,
+    block_size: Annotated[
+        int | None,
+        typer.Option(
+            "--block-size", help="Tokens per block (default: min(context, 1024)).", show_default=False
+        ),
+    ] = None,
     text_field: Annotated[str, typer.Option("--text-field", help="JSONL field holding the text.")] = "text",
-    glob: Annotated[str | None, typer.Option("--glob", help="File pattern inside directories "
-                                             "(default: common text extensions).", show_default=False)] = None,
-    errors: Annotated[str, typer.Option("--errors", help="Invalid UTF-8: replace (and count) or strict.")
-                      ] = "replace",
+    glob: Annotated[
+        str | None,
+        typer.Option(
+            "--glob",
+            help="File pattern inside directories (default: common text extensions).",
+            show_default=False,
+        ),
+    ] = None,
+    errors: Annotated[
+        str, typer.Option("--errors", help="Invalid UTF-8: replace (and count) or strict.")
+    ] = "replace",
     num_proc: Annotated[int, typer.Option("--num-proc", help="Processes for tokenization.")] = 1,
-    cache_dir: Annotated[str | None, typer.Option("--cache-dir", help="Token cache directory "
-                                                  "(default: ~/.cache/llmkit/tokens).", show_default=False)] = None,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Don't read or write the token cache.")] = False,
-    val_file: Annotated[str | None, typer.Option("--val-file", help="Validation text (instead of --val-split).",
-                                                 show_default=False)] = None,
-    val_split: Annotated[float, typer.Option("--val-split", help="Fraction of blocks held out for validation.")
-                         ] = 0.05,
-    epochs: Annotated[float | None, typer.Option("--epochs", help="Passes over the data (default 1).",
-                                                 show_default=False)] = None,
-    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Optimizer steps (overrides --epochs).",
-                                                  show_default=False)] = None,
+    cache_dir: Annotated[
+        str | None,
+        typer.Option(
+            "--cache-dir", help="Token cache directory (default: ~/.cache/llmkit/tokens).", show_default=False
+        ),
+    ] = None,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Don't read or write the token cache.")
+    ] = False,
+    val_file: Annotated[
+        str | None,
+        typer.Option("--val-file", help="Validation text (instead of --val-split).", show_default=False),
+    ] = None,
+    val_split: Annotated[
+        float, typer.Option("--val-split", help="Fraction of blocks held out for validation.")
+    ] = 0.05,
+    epochs: Annotated[
+        float | None, typer.Option("--epochs", help="Passes over the data (default 1).", show_default=False)
+    ] = None,
+    max_steps: Annotated[
+        int | None,
+        typer.Option("--max-steps", help="Optimizer steps (overrides --epochs).", show_default=False),
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Blocks per batch per process.")] = 8,
     grad_accum: Annotated[int, typer.Option("--grad-accum", help="Batches per optimizer step.")] = 1,
-    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate (default 5e-5; 6e-4 from "
-                                             "scratch).", show_default=False)] = None,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay (not on biases "
-                                                "or LayerNorm).")] = 0.01,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            "--lr", help="Peak learning rate (default 5e-5; 6e-4 from scratch).", show_default=False
+        ),
+    ] = None,
+    weight_decay: Annotated[
+        float, typer.Option("--weight-decay", help="AdamW weight decay (not on biases or LayerNorm).")
+    ] = 0.01,
     lr_schedule: Annotated[str, typer.Option("--lr-schedule", help="cosine, linear or constant.")] = "cosine",
-    warmup_steps: Annotated[int | None, typer.Option("--warmup-steps", help="Warm-up steps (overrides "
-                                                     "--warmup-ratio).", show_default=False)] = None,
-    warmup_ratio: Annotated[float, typer.Option("--warmup-ratio", help="Warm-up as a fraction of the steps.")
-                            ] = 0.0,
-    max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="Gradient clipping; 0 = off.")] = 1.0,
-    mixed_precision: Annotated[str, typer.Option("--mixed-precision", help="auto, no, bf16 or fp16 "
-                                                 "(auto: bf16 on GPUs that support it, else no).")] = "auto",
-    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing",
-                                                         help="Trade compute for memory.")] = False,
+    warmup_steps: Annotated[
+        int | None,
+        typer.Option("--warmup-steps", help="Warm-up steps (overrides --warmup-ratio).", show_default=False),
+    ] = None,
+    warmup_ratio: Annotated[
+        float, typer.Option("--warmup-ratio", help="Warm-up as a fraction of the steps.")
+    ] = 0.0,
+    max_grad_norm: Annotated[
+        float, typer.Option("--max-grad-norm", help="Gradient clipping; 0 = off.")
+    ] = 1.0,
+    mixed_precision: Annotated[
+        str,
+        typer.Option(
+            "--mixed-precision", help="auto, no, bf16 or fp16 (auto: bf16 on GPUs that support it, else no)."
+        ),
+    ] = "auto",
+    gradient_checkpointing: Annotated[
+        bool, typer.Option("--gradient-checkpointing", help="Trade compute for memory.")
+    ] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed for initialisation, data order and dropout.")] = 0,
-    eval_every: Annotated[int, typer.Option("--eval-every", help="Validate every N steps (and at the end); "
-                                            "0 = only at the end.")] = 0,
-    sample_every: Annotated[int, typer.Option("--sample-every", help="Show a sample every N steps; 0 = never.")
-                            ] = 0,
+    eval_every: Annotated[
+        int,
+        typer.Option("--eval-every", help="Validate every N steps (and at the end); 0 = only at the end."),
+    ] = 0,
+    sample_every: Annotated[
+        int, typer.Option("--sample-every", help="Show a sample every N steps; 0 = never.")
+    ] = 0,
     sample_prompt: Annotated[str, typer.Option("--sample-prompt", help="Prompt for --sample-every.")] = "",
     log_every: Annotated[int, typer.Option("--log-every", help="Log a metrics line every N steps.")] = 10,
-    report_to: Annotated[str | None, typer.Option("--report-to", help="Also log to an accelerate tracker "
-                                                  "(tensorboard, wandb, …).", show_default=False)] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Reuse a non-empty OUT that isn't an llmkit "
-                                            "run.")] = False,
+    report_to: Annotated[
+        str | None,
+        typer.Option(
+            "--report-to",
+            help="Also log to an accelerate tracker (tensorboard, wandb, …).",
+            show_default=False,
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Reuse a non-empty OUT that isn't an llmkit run.")
+    ] = False,
     device: DeviceOpt = "auto",
     offline: OfflineOpt = False,
     allow_pickle: AllowPickleOpt = False,
@@ -90,15 +151,46 @@ def finetune(
     from llmkit.models import quiet_transformers
 
     cfg = TrainConfig(
-        data=data, output=output, model=model, from_scratch=from_scratch, tokenizer=tokenizer, n_layer=n_layer,
-        n_head=n_head, n_embd=n_embd, context=context, block_size=block_size, text_field=text_field, glob=glob,
-        errors=errors, num_proc=num_proc, cache_dir=cache_dir, no_cache=no_cache, val_file=val_file,
-        val_split=val_split, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
-        lr=lr, weight_decay=weight_decay, lr_schedule=lr_schedule, warmup_steps=warmup_steps,  # type: ignore[arg-type]
-        warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, mixed_precision=mixed_precision,  # type: ignore[arg-type]
-        gradient_checkpointing=gradient_checkpointing, seed=seed, eval_every=eval_every,
-        sample_every=sample_every, sample_prompt=sample_prompt, log_every=log_every, report_to=report_to,
-        overwrite=overwrite, device=device, offline=offline, allow_pickle=allow_pickle,
+        data=data,
+        output=output,
+        model=model,
+        from_scratch=from_scratch,
+        tokenizer=tokenizer,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_embd=n_embd,
+        context=context,
+        block_size=block_size,
+        text_field=text_field,
+        glob=glob,
+        errors=errors,
+        num_proc=num_proc,
+        cache_dir=cache_dir,
+        no_cache=no_cache,
+        val_file=val_file,
+        val_split=val_split,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=lr,
+        weight_decay=weight_decay,
+        lr_schedule=lr_schedule,
+        warmup_steps=warmup_steps,  # type: ignore[arg-type]
+        warmup_ratio=warmup_ratio,
+        max_grad_norm=max_grad_norm,
+        mixed_precision=mixed_precision,  # type: ignore[arg-type]
+        gradient_checkpointing=gradient_checkpointing,
+        seed=seed,
+        eval_every=eval_every,
+        sample_every=sample_every,
+        sample_prompt=sample_prompt,
+        log_every=log_every,
+        report_to=report_to,
+        overwrite=overwrite,
+        device=device,
+        offline=offline,
+        allow_pickle=allow_pickle,
     )
     from llmkit import training
 
@@ -126,8 +218,14 @@ class _View:
         if self.tok_bar is None:
             from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.tok_bar = Progress(TextColumn("tokenizing"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                                    console=out.console(), transient=True)
+            self.tok_bar = Progress(
+                TextColumn("tokenizing"),
+                BarColumn(),
+                DownloadColumn(),
+                TimeRemainingColumn(),
+                console=out.console(),
+                transient=True,
+            )
             self.tok_bar.start()
             self.tok_task = self.tok_bar.add_task("tokenizing", total=total)
         self.tok_bar.update(self.tok_task, completed=done, total=total)
@@ -148,28 +246,39 @@ class _View:
 
     def _plan(self, p: Any) -> None:
         cache = " (token cache hit)" if p.cache_hits else ""
-        self._print(f"data: {p.documents:,} documents, {p.tokens:,} tokens{cache} → {p.train_blocks:,} train / "
-                    f"{p.val_blocks:,} validation blocks of {p.block_size}")
+        self._print(
+            f"data: {p.documents:,} documents, {p.tokens:,} tokens{cache} → {p.train_blocks:,} train / "
+            f"{p.val_blocks:,} validation blocks of {p.block_size}"
+        )
         if p.invalid_bytes:
-            out.warn(f"{p.invalid_bytes:,} invalid UTF-8 byte(s) were replaced (--errors strict to refuse them)")
-        self._print(f"plan: {p.steps_per_epoch:,} steps per epoch, {p.total_steps:,} steps, effective batch "
-                    f"{p.effective_batch} blocks ({p.effective_batch * p.block_size:,} tokens); "
-                    f"{p.parameters / 1e6:.1f}M parameters on {p.device} × {p.processes}, precision "
-                    f"{p.mixed_precision}, lr {p.lr:g} with {p.warmup_steps} warm-up steps")
+            out.warn(
+                f"{p.invalid_bytes:,} invalid UTF-8 byte(s) were replaced (--errors strict to refuse them)"
+            )
+        self._print(
+            f"plan: {p.steps_per_epoch:,} steps per epoch, {p.total_steps:,} steps, effective batch "
+            f"{p.effective_batch} blocks ({p.effective_batch * p.block_size:,} tokens); "
+            f"{p.parameters / 1e6:.1f}M parameters on {p.device} × {p.processes}, precision "
+            f"{p.mixed_precision}, lr {p.lr:g} with {p.warmup_steps} warm-up steps"
+        )
         self.total = p.total_steps
         if self.live:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.bar = Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(),
-                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
-                                console=out.console(), transient=True)
+            self.bar = Progress(
+                TextColumn("step"),
+                MofNCompleteColumn(),
+                BarColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+                console=out.console(),
+                transient=True,
+            )
             self.bar.start()
             self.task = self.bar.add_task("train", total=p.total_steps, info="")
 
     def _metrics(self, m: Any) -> None:
         val = f"  val loss {m.val_loss:.4f}  val ppl {m.val_perplexity:.2f}" if m.val_loss is not None else ""
-        info = (f"epoch {m.epoch:.2f}  loss {m.loss:.4f}{val}  lr {m.lr:.2e}  "
-                f"{m.tokens_per_second:,.0f} tok/s")
+        info = f"epoch {m.epoch:.2f}  loss {m.loss:.4f}{val}  lr {m.lr:.2e}  {m.tokens_per_second:,.0f} tok/s"
         if self.bar is not None:
             self.bar.update(self.task, completed=m.step, info=info)
             if m.val_loss is not None:
@@ -180,7 +289,9 @@ class _View:
     def _finished(self, f: Any) -> None:
         m = f.final
         ppl = f"  val perplexity {m.val_perplexity:.3f}" if m.val_perplexity is not None else ""
-        self._print(f"done: {m.step:,} steps in {f.seconds:.1f}s, loss {sparkline(f.losses)} {m.loss:.4f}{ppl}")
+        self._print(
+            f"done: {m.step:,} steps in {f.seconds:.1f}s, loss {sparkline(f.losses)} {m.loss:.4f}{ppl}"
+        )
         self._print(f"saved to {f.output}")
         out.write(f"{f.output}\n", flush=True)
 

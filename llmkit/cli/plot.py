@@ -16,10 +16,13 @@ Examples:
 
 
 def plot(
-    run_dir: Annotated[str, typer.Argument(help="A finetune output directory (or its metrics.jsonl).",
-                                           show_default=False)],
-    output: Annotated[str | None, typer.Option("--output", "-o", help="PNG to write (default: "
-                                               "RUN_DIR/loss.png).", show_default=False)] = None,
+    run_dir: Annotated[
+        str, typer.Argument(help="A finetune output directory (or its metrics.jsonl).", show_default=False)
+    ],
+    output: Annotated[
+        str | None,
+        typer.Option("--output", "-o", help="PNG to write (default: RUN_DIR/loss.png).", show_default=False),
+    ] = None,
 ) -> None:
     """Plot train/val loss and the learning rate from a run's metrics.jsonl."""
     from pathlib import Path

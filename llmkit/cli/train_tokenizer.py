@@ -16,19 +16,27 @@ Examples:
 
 
 def train_tokenizer(
-    data: Annotated[list[str], typer.Argument(help="Text files, directories, or - for stdin.",
-                                              show_default=False)],
-    output: Annotated[str, typer.Option("--output", "-o", help="Directory for the tokenizer files.",
-                                        show_default=False)],
-    vocab_size: Annotated[int, typer.Option("--vocab-size", help="Tokens in the vocabulary, "
-                                            "256 bytes and <|endoftext|> included.")] = 8000,
-    min_frequency: Annotated[int, typer.Option("--min-frequency", help="Merge only pairs seen this often.")] = 2,
+    data: Annotated[
+        list[str], typer.Argument(help="Text files, directories, or - for stdin.", show_default=False)
+    ],
+    output: Annotated[
+        str, typer.Option("--output", "-o", help="Directory for the tokenizer files.", show_default=False)
+    ],
+    vocab_size: Annotated[
+        int,
+        typer.Option("--vocab-size", help="Tokens in the vocabulary, 256 bytes and <|endoftext|> included."),
+    ] = 8000,
+    min_frequency: Annotated[
+        int, typer.Option("--min-frequency", help="Merge only pairs seen this often.")
+    ] = 2,
     text_field: Annotated[str, typer.Option("--text-field", help="JSONL field holding the text.")] = "text",
-    glob: Annotated[str | None, typer.Option("--glob", help="File pattern inside directories.",
-                                             show_default=False)] = None,
+    glob: Annotated[
+        str | None, typer.Option("--glob", help="File pattern inside directories.", show_default=False)
+    ] = None,
     errors: Annotated[str, typer.Option("--errors", help="Invalid UTF-8: replace or strict.")] = "replace",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace tokenizer files already in OUT.")
-                         ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace tokenizer files already in OUT.")
+    ] = False,
 ) -> None:
     """Train a byte-level BPE tokenizer (EOS <|endoftext|>) and save it in Hugging Face format."""
     from pathlib import Path
@@ -50,10 +58,15 @@ def train_tokenizer(
     quiet_transformers(out.settings.verbose)
     stats = ReadStats()
     out.detail(f"training a byte-level BPE of {vocab_size:,} tokens")
-    tokenizer = train_bpe(read_documents(data, text_field=text_field, glob=glob, errors=errors, stats=stats),
-                          vocab_size=vocab_size, min_frequency=min_frequency)
+    tokenizer = train_bpe(
+        read_documents(data, text_field=text_field, glob=glob, errors=errors, stats=stats),
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+    )
     if len(tokenizer) <= 257:
-        raise UsageError("the data is too small to learn any merges", "add more text or lower --min-frequency")
+        raise UsageError(
+            "the data is too small to learn any merges", "add more text or lower --min-frequency"
+        )
     try:
         target.mkdir(parents=True, exist_ok=True)
         tokenizer.save_pretrained(target)
@@ -61,6 +74,8 @@ def train_tokenizer(
         raise OutputError(f"cannot write to {target}: {exc.strerror or exc}", "pick another -o") from None
     if stats.invalid_bytes:
         out.warn(f"{stats.invalid_bytes:,} invalid UTF-8 byte(s) were replaced")
-    out.say(f"trained a {len(tokenizer):,}-token byte-level BPE ({EOS} = {tokenizer.eos_token_id}) on "
-            f"{stats.documents:,} documents")
+    out.say(
+        f"trained a {len(tokenizer):,}-token byte-level BPE ({EOS} = {tokenizer.eos_token_id}) on "
+        f"{stats.documents:,} documents"
+    )
     out.write(f"{target}\n")
