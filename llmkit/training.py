@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import torch
     from accelerate import Accelerator
 
-    from llmkit.data import Blocks, PreparedData
+    from llmkit.data import PreparedData
 
 
 # -- events ------------------------------------------------------------------------------------------

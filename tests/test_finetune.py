@@ -22,7 +22,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def train(cli, model: Path, data: Path, out: Path, *flags: str):  # noqa: ANN001, ANN201
+def train(cli, model: Path, data: Path, out: Path, *flags: str):
     result = cli(
         "finetune",
         data,
@@ -80,8 +80,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory, corpus: Path, tiny_model: 
     return out, result
 
 
-def test_learns_the_pattern_and_generates_it(trained, cli) -> None:  # noqa: ANN001
-    out, result = trained
+def test_learns_the_pattern_and_generates_it(trained, cli) -> None:
+    out, _ = trained
     rows = metrics(out)
     vals = [r["val_loss"] for r in rows if "val_loss" in r]
     assert len(vals) == 3  # steps 20, 40 and the end
@@ -90,13 +90,13 @@ def test_learns_the_pattern_and_generates_it(trained, cli) -> None:  # noqa: ANN
     assert text.startswith(" the moon. A dog likes the sea.")
 
 
-def test_stdout_is_only_the_output_path(trained) -> None:  # noqa: ANN001
+def test_stdout_is_only_the_output_path(trained) -> None:
     out, result = trained
     assert result.stdout == f"{out}\n"
     assert "plan:" in result.stderr and "effective batch" in result.stderr
 
 
-def test_output_files(trained) -> None:  # noqa: ANN001
+def test_output_files(trained) -> None:
     out, _ = trained
     for name in (
         "config.json",
@@ -122,7 +122,7 @@ def test_output_files(trained) -> None:  # noqa: ANN001
     assert [r["step"] for r in metrics(out)] == list(range(5, 61, 5))
 
 
-def test_plain_transformers_loads_it_with_the_same_logits(trained) -> None:  # noqa: ANN001
+def test_plain_transformers_loads_it_with_the_same_logits(trained) -> None:
     from transformers import pipeline
 
     from llmkit.config import LoadConfig
@@ -334,7 +334,7 @@ def test_binary_and_missing_data(cli, tiny_model: Path, tmp_path: Path) -> None:
         assert result.exit_code == 1 and result.stderr.startswith("Error: ")
 
 
-def test_plot(cli, trained, tmp_path: Path) -> None:  # noqa: ANN001
+def test_plot(cli, trained, tmp_path: Path) -> None:
     out, _ = trained
     target = tmp_path / "curve.png"
     result = cli("plot", out, "-o", target)
