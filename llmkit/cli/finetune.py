@@ -247,7 +247,7 @@ class _View:
     def _plan(self, p: Any) -> None:
         cache = " (token cache hit)" if p.cache_hits else ""
         self._print(
-            f"data: {p.documents:,} documents, {p.tokens:,} tokens{cache} → {p.train_blocks:,} train / "
+            f"data: {p.documents:,} document{'s' if p.documents != 1 else ''}, {p.tokens:,} tokens{cache} → {p.train_blocks:,} train / "
             f"{p.val_blocks:,} validation blocks of {p.block_size}"
         )
         if p.invalid_bytes:
