@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, TextIO
 
@@ -14,10 +15,12 @@ BATCH_CHUNKS = 8
 
 
 def splits_safely(tokenizer: PreTrainedTokenizerBase) -> bool:
-    """Whether cutting text at a lone newline between two non-space characters leaves the ids unchanged.
+    """Whether cutting text just before a whitespace run that follows a non-space character leaves the
+    ids unchanged.
 
-    True for GPT-2's byte-level pre-tokenizer (its regex never joins across such a newline). For
-    anything else we don't know the rules, so the text is tokenized whole.
+    True for GPT-2's byte-level pre-tokenizer: no pre-token of its regex holds a non-space character
+    followed by whitespace (a space only ever leads one), and matching from a position only looks
+    forward. For anything else we don't know the rules, so the text is tokenized whole.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or backend.normalizer is not None:
@@ -27,16 +30,17 @@ def splits_safely(tokenizer: PreTrainedTokenizerBase) -> bool:
     return kinds == ["ByteLevel"] and pre.get("use_regex", True) in (True, None)
 
 
+_BOUNDARY = re.compile(r"(?<=\S)\s")
+TAIL = 1 << 16
+
+
 def _cut(text: str) -> int:
-    """The last offset where a chunk may end: just after a newline that has non-space on both sides."""
-    pos = len(text) - 1
-    while True:
-        pos = text.rfind("\n", 0, pos)
-        if pos <= 0:
-            return -1
-        if pos + 1 < len(text) and not text[pos - 1].isspace() and not text[pos + 1].isspace():
-            return pos + 1
-        pos -= 1 if pos > 0 else 0
+    """The last offset where a chunk may end: at whitespace that follows a non-space character."""
+    for start in (max(0, len(text) - TAIL), 0):
+        matches = list(_BOUNDARY.finditer(text, start))
+        if matches:
+            return matches[-1].start()
+    return -1
 
 
 def iter_pieces(stream: TextIO, chunk_chars: int = CHUNK_CHARS, whole: bool = False) -> Iterator[str]:

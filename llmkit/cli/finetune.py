@@ -246,9 +246,10 @@ class _View:
 
     def _plan(self, p: Any) -> None:
         cache = " (token cache hit)" if p.cache_hits else ""
+        docs = f"{p.documents:,} document{'s' if p.documents != 1 else ''}"
         self._print(
-            f"data: {p.documents:,} document{'s' if p.documents != 1 else ''}, {p.tokens:,} tokens{cache} → {p.train_blocks:,} train / "
-            f"{p.val_blocks:,} validation blocks of {p.block_size}"
+            f"data: {docs}, {p.tokens:,} tokens{cache} → {p.train_blocks:,} train / {p.val_blocks:,} "
+            f"validation blocks of {p.block_size}"
         )
         if p.invalid_bytes:
             out.warn(
