@@ -204,6 +204,20 @@ class TrainConfig:
     report_to: str | None = None
     """An accelerate tracker: tensorboard, wandb, …"""
     overwrite: bool = False
+    save_every: int = 500
+    """Checkpoint every N steps (and at the end of each epoch); 0: only at epoch ends."""
+    keep: int = 2
+    """Checkpoints to keep (newest first); older ones go once a new one is complete."""
+    keep_best: bool = False
+    """Also keep the checkpoint with the best validation loss."""
+    resume: bool = False
+    """Continue from the newest complete checkpoint in the output directory."""
+    resume_from: str | None = None
+    """Continue from this checkpoint directory."""
+    force: bool = False
+    """Allow settings that can safely change (like eval_every) to differ on resume."""
+    max_bad_steps: int = 5
+    """Stop after this many non-finite losses in a row."""
     device: str = "auto"
     offline: bool = False
     allow_pickle: bool = False
@@ -234,6 +248,10 @@ class TrainConfig:
         for name in ("eval_every", "sample_every"):
             _check(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be 0 or more")
         _check(self.log_every >= 1, "--log-every must be at least 1")
+        _check(self.save_every >= 0, "--save-every must be 0 or more")
+        _check(self.keep >= 1, "--keep must be at least 1", "the newest checkpoint is what --resume needs")
+        _check(self.max_bad_steps >= 1, "--max-bad-steps must be at least 1")
+        _check(not (self.resume and self.resume_from), "pass --resume or --resume-from, not both")
         _check(self.sample_tokens >= 1, "--sample-tokens must be at least 1")
         for name in ("n_layer", "n_head", "n_embd", "context"):
             value = getattr(self, name)
@@ -250,6 +268,10 @@ class TrainConfig:
         )
         if self.n_embd is not None and self.n_head is not None:
             _check(self.n_embd % self.n_head == 0, "--n-embd must be divisible by --n-head")
+
+    @property
+    def resuming(self) -> bool:
+        return self.resume or self.resume_from is not None
 
     @property
     def peak_lr(self) -> float:

@@ -218,9 +218,12 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def quiet_transformers(verbose: bool = False) -> None:
     """transformers' own warnings and progress bars stay quiet (and on stderr) unless --verbose."""
+    import logging
+
     from huggingface_hub.utils import disable_progress_bars
     from transformers.utils import logging as hf_logging
 
+    logging.getLogger("accelerate").setLevel(logging.INFO if verbose else logging.ERROR)
     if verbose:
         hf_logging.set_verbosity_warning()
     else:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from llmkit.checkpoints import fault
 from llmkit.errors import OutputError
 
 METADATA = "llmkit.json"
@@ -55,8 +56,8 @@ def claim(path: Path, *, overwrite: bool) -> None:
         # Remove what an earlier run left, config.json first so OUT stops looking like a finished model.
         for name in ("config.json", METADATA, *MODEL_FILES, METRICS, CARD):
             (path / name).unlink(missing_ok=True)
-        for stale in path.glob(TEMP_PREFIX + "*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        for stale in [*path.glob(TEMP_PREFIX + "*"), path / CHECKPOINTS]:
+            shutil.rmtree(stale, ignore_errors=True)  # a fresh run must never resume into an older one
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / (TEMP_PREFIX + "probe")
@@ -99,6 +100,7 @@ def save_final(out: Path, model: Any, tokenizer: Any, metadata: dict[str, Any], 
         for file in sorted(tmp.iterdir()):
             if file.name not in last:
                 os.replace(file, out / file.name)
+        fault("final-save")
         for name in last:
             _fsync(tmp / name)
             os.replace(tmp / name, out / name)

@@ -7,16 +7,18 @@ prints: `run` yields events (on the main process only) and the CLI renders them.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmkit import rundir
 from llmkit.config import TrainConfig
-from llmkit.errors import InputError, ModelError, UsageError
+from llmkit.errors import InputError, LlmkitError, ModelError, UsageError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -76,9 +78,6 @@ class Finished:
     final: Metrics
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
-
-
-Event = Plan | Metrics | SampleText | Finished
 
 
 # -- setup -------------------------------------------------------------------------------------------
@@ -200,6 +199,43 @@ def _order(n_blocks: int, seed: int, epoch: int) -> np.ndarray:
 
 
 # -- the run -----------------------------------------------------------------------------------------
+class Interrupted(LlmkitError):
+    """Training stopped by a signal after saving a checkpoint; the CLI adds how to resume."""
+
+    def __init__(self, step: int, total: int, checkpoint: Path, signum: int) -> None:
+        super().__init__(f"interrupted at step {step}/{total}; checkpoint saved to {checkpoint}")
+        self.exit_code = 128 + signum
+
+
+class TrainingError(LlmkitError):
+    """The run cannot go on (diverged, out of memory at micro-batch 1)."""
+
+
+@dataclass
+class Notice:
+    """Something the user should know mid-run (a skipped step, a smaller micro-batch)."""
+
+    message: str
+
+
+@dataclass
+class LoopState:
+    """Everything about the loop that a checkpoint must carry besides accelerate's own state."""
+
+    step: int = 0
+    batch_size: int = 1
+    grad_accum: int = 1
+    running_loss: float = 0.0
+    micro_steps: int = 0
+    losses: list[float] = field(default_factory=list)
+    bad_in_row: int = 0
+    skipped: int = 0
+    val_loss: float | None = None
+
+
+OOM_RETRY_STEPS = 3  # only the first steps adapt the micro-batch; later OOMs are real errors
+
+
 class Trainer:
     """One training run. `events()` drives it; state lives here so evaluation and saving can share it."""
 
@@ -207,16 +243,23 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.output)
         self.on_tokenize = on_tokenize
+        self.stop_signal: int | None = None
+        self.final: Metrics | None = None  # the last metrics record: what the saved model reports
 
     def events(self) -> Iterator[Event]:
-        import torch
         from accelerate.utils import set_seed
+
+        from llmkit import checkpoints
 
         cfg = self.cfg
         acc = self.acc = _accelerator(cfg, self.out)
         main = acc.is_main_process
+        resume_from = checkpoints.locate(self.out, cfg.resume_from) if cfg.resuming else None
+        saved = checkpoints.load_state(resume_from) if resume_from is not None else None
         if main:
-            rundir.claim(self.out, overwrite=cfg.overwrite)
+            if saved is None:
+                rundir.claim(self.out, overwrite=cfg.overwrite)
+            checkpoints.remove_stale(self.out)
         set_seed(cfg.seed)
         model, tokenizer = _build_model(cfg)
         self.tokenizer = tokenizer
@@ -232,7 +275,8 @@ class Trainer:
         with acc.main_process_first():
             data = self._data(tokenizer, block_size, main)
         self.data = data
-        world, rank = acc.num_processes, acc.process_index
+        world = acc.num_processes
+        state = self.state = LoopState(batch_size=cfg.batch_size, grad_accum=cfg.grad_accum)
         global_batch = cfg.batch_size * cfg.grad_accum * world
         steps_per_epoch = len(data.train) // global_batch
         if steps_per_epoch == 0:
@@ -243,6 +287,12 @@ class Trainer:
                 "lower --batch-size, --grad-accum or --block-size, or add more text",
             )
         total = cfg.max_steps or math.ceil((cfg.epochs or 1.0) * steps_per_epoch)
+        self.total, self.steps_per_epoch, self.global_batch = total, steps_per_epoch, global_batch
+        tolerated: list[str] = []
+        if saved is not None:
+            from llmkit import resume
+
+            tolerated = resume.check(saved, asdict(cfg), data.fingerprint, world, cfg.force)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
@@ -253,10 +303,18 @@ class Trainer:
         schedule = {"constant": "constant_with_warmup"}.get(cfg.lr_schedule, cfg.lr_schedule)
         scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total)
         # The scheduler stays unprepared: accelerate would step it once per process, and `total` already
-        # counts global optimizer steps. It is stepped only when gradients sync.
+        # counts global optimizer steps. It is registered so checkpoints carry it.
         model, optimizer = acc.prepare(model, optimizer)
         acc.register_for_checkpointing(scheduler)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        if saved is not None and resume_from is not None:
+            acc.load_state(str(resume_from))
+            restored = {k: v for k, v in saved["loop"].items() if k in LoopState.__dataclass_fields__}
+            state = self.state = LoopState(**restored)
+            acc.gradient_accumulation_steps = state.grad_accum
+            last = _truncate_metrics(self.out, state.step) if main else None
+            if last is not None:
+                self.final = Metrics(**{k: v for k, v in last.items() if k in Metrics.__dataclass_fields__})
         stats = data.stats()
         plan = Plan(
             stats["documents"],
@@ -285,81 +343,182 @@ class Trainer:
         metrics = rundir.MetricsLog.open(self.out) if main else None
         if main:
             yield plan
-
-        started = time.perf_counter()
-        last_time, last_tokens = started, 0
-        tokens_per_step = global_batch * block_size
-        running = torch.zeros((), device=acc.device)
-        micro_steps = 0
-        losses: list[float] = []
-        final: Metrics | None = None
-        model.train()
-        step = 0
-        order, order_epoch = None, -1
-        while step < total:
-            epoch = step // steps_per_epoch
-            if epoch != order_epoch:
-                order, order_epoch = _order(len(data.train), cfg.seed, epoch), epoch
-            base = (step % steps_per_epoch) * global_batch
-            for k in range(cfg.grad_accum):
-                start = base + (k * world + rank) * cfg.batch_size
-                batch = torch.from_numpy(data.train.batch(order[start : start + cfg.batch_size])).to(
-                    acc.device
-                )
-                with acc.accumulate(model), acc.autocast():
-                    loss = model(input_ids=batch, labels=batch).loss
-                    running += loss.detach()
-                    micro_steps += 1
-                    acc.backward(loss)
-                    if acc.sync_gradients and cfg.max_grad_norm > 0:
-                        acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    optimizer.step()
-                    if acc.sync_gradients:
-                        scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-            step += 1
-            log_now = step % cfg.log_every == 0 or step == total
-            eval_now = step == total or (cfg.eval_every and step % cfg.eval_every == 0)
-            if not (log_now or eval_now):
-                continue
-            # The only host synchronisation of the loop: at log and eval steps.
-            mean_loss = float(acc.reduce(running, reduction="mean")) / max(micro_steps, 1)
-            running.zero_()
-            micro_steps = 0
-            now = time.perf_counter()
-            tokens = step * tokens_per_step
-            record = Metrics(
-                step,
-                round(step / steps_per_epoch, 4),
-                mean_loss,
-                scheduler.get_last_lr()[0],
-                tokens,
-                round((tokens - last_tokens) / max(now - last_time, 1e-9), 1),
-            )
-            last_time, last_tokens = now, tokens
-            losses.append(mean_loss)
-            if eval_now and data.val is not None:
-                record.val_loss = self.evaluate()
-                record.val_perplexity = math.exp(min(record.val_loss, 700))
-            if cfg.report_to:
-                acc.log({k: v for k, v in record.record().items() if k != "step"}, step=step)
-            final = record
-            if main and metrics is not None:
-                metrics.write(record.record())
-                yield record
-            if main and cfg.sample_every and (step % cfg.sample_every == 0 or step == total):
-                yield SampleText(step, self.sample())
+            if resume_from is not None:
+                yield Notice(f"resuming from {resume_from} at step {state.step}/{total}")
+                for line in tolerated:
+                    yield Notice(f"changed since the checkpoint: {line}")
+        with _signals(self):
+            yield from self._loop(metrics, main)
         acc.wait_for_everyone()
         if cfg.report_to:
             acc.end_training()
-        assert final is not None
         if main:
+            assert metrics is not None and self.final is not None
             metrics.close()
-            seconds = time.perf_counter() - started
-            self._save(final, seconds)
-            yield Finished(self.out, final, losses, seconds)
+            seconds = time.perf_counter() - self.started
+            self._save(self.final, seconds)
+            yield Finished(self.out, self.final, state.losses, seconds)
         acc.wait_for_everyone()
         data.close()
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def _loop(self, metrics: rundir.MetricsLog | None, main: bool) -> Iterator[Event]:
+        import torch
+
+        cfg, acc, state, data = self.cfg, self.acc, self.state, self.data
+        model, optimizer, scheduler = self.model, self.optimizer, self.scheduler
+        self.started = last_time = time.perf_counter()
+        last_tokens = state.step * self.global_batch * data.block_size
+        running = torch.tensor(state.running_loss, device=acc.device)
+        model.train()
+        order, order_epoch = None, -1
+        while state.step < self.total:
+            epoch = state.step // self.steps_per_epoch
+            if epoch != order_epoch:
+                order, order_epoch = _order(len(data.train), cfg.seed, epoch), epoch
+            step_loss = yield from self._step(order, (state.step % self.steps_per_epoch) * self.global_batch)
+            norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+            # One host synchronisation per optimizer step: a non-finite gradient must not reach the weights.
+            if acc.mixed_precision != "fp16" and not math.isfinite(float(norm)):
+                state.skipped += 1
+                state.bad_in_row += 1
+                if main:
+                    yield Notice(
+                        f"step {state.step + 1}: non-finite loss or gradient; update skipped "
+                        f"({state.bad_in_row} in a row)"
+                    )
+                if state.bad_in_row >= cfg.max_bad_steps:
+                    raise TrainingError(
+                        f"{state.bad_in_row} non-finite steps in a row at step {state.step + 1}: "
+                        "the run diverged",
+                        "lower --lr, raise --warmup-steps, or use bf16/fp32; "
+                        "the last good checkpoint is in " + str(checkpoints_root(self.out)),
+                    )
+            else:
+                optimizer.step()
+                state.bad_in_row = 0
+                running += step_loss  # skipped steps stay out of the logged loss
+                state.micro_steps += state.grad_accum
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            step = state.step
+            log_now = step % cfg.log_every == 0 or step == self.total
+            eval_now = step == self.total or (cfg.eval_every and step % cfg.eval_every == 0)
+            if log_now or eval_now:
+                # The other host synchronisation: only at log and eval steps.
+                mean_loss = (
+                    float(acc.reduce(running, reduction="mean")) / state.micro_steps
+                    if state.micro_steps
+                    else None
+                )
+                running.zero_()
+                state.micro_steps = 0
+                now = time.perf_counter()
+                tokens = step * self.global_batch * data.block_size
+                record = Metrics(
+                    step,
+                    round(step / self.steps_per_epoch, 4),
+                    mean_loss,
+                    scheduler.get_last_lr()[0],
+                    tokens,
+                    round((tokens - last_tokens) / max(now - last_time, 1e-9), 1),
+                )
+                last_time, last_tokens = now, tokens
+                if mean_loss is not None:
+                    state.losses.append(mean_loss)
+                if eval_now and data.val is not None:
+                    record.val_loss = state.val_loss = self.evaluate()
+                    record.val_perplexity = math.exp(min(record.val_loss, 700))
+                if cfg.report_to:
+                    acc.log({k: v for k, v in record.record().items() if k != "step"}, step=step)
+                self.final = record
+                if main and metrics is not None:
+                    metrics.write(record.record())
+                    yield record
+                if main and cfg.sample_every and (step % cfg.sample_every == 0 or step == self.total):
+                    yield SampleText(step, self.sample())
+            stop = self._stop_requested()
+            epoch_end = step % self.steps_per_epoch == 0
+            if stop or epoch_end or (cfg.save_every and step % cfg.save_every == 0):
+                state.running_loss = float(running)
+                path = self._checkpoint()
+                if stop and step < self.total:
+                    raise Interrupted(step, self.total, path, self.stop_signal or 2)
+
+    def _step(self, order: np.ndarray, base: int) -> Iterator[Event]:
+        """Forward and backward for one optimizer step's micro-batches; returns their summed loss.
+
+        In the first steps an out-of-memory error halves the micro-batch and doubles accumulation
+        (the same effective batch) and the step starts over.
+        """
+        import torch
+
+        acc, state, world, rank = self.acc, self.state, self.acc.num_processes, self.acc.process_index
+        while True:
+            acc.step = 0  # accumulation counts from the start of every optimizer step
+            total = torch.zeros((), device=acc.device)
+            try:
+                for k in range(state.grad_accum):
+                    start = base + (k * world + rank) * state.batch_size
+                    rows = order[start : start + state.batch_size]
+                    batch = torch.from_numpy(self.data.train.batch(rows)).to(acc.device)
+                    with acc.accumulate(self.model), acc.autocast():
+                        loss = self._loss(batch)
+                        total += loss.detach()
+                        acc.backward(loss)
+                return total
+            except torch.OutOfMemoryError:
+                self.optimizer.zero_grad(set_to_none=True)
+                if state.step >= OOM_RETRY_STEPS or world > 1:
+                    raise TrainingError(
+                        f"out of memory at step {state.step + 1} with micro-batch {state.batch_size}",
+                        "lower --batch-size (raise --grad-accum to keep the effective batch), "
+                        "use --gradient-checkpointing, or a smaller --block-size",
+                    ) from None
+                if state.batch_size == 1 or state.batch_size % 2:
+                    raise TrainingError(
+                        f"out of memory with micro-batch {state.batch_size}",
+                        "use --gradient-checkpointing or a smaller --block-size",
+                    ) from None
+                _free_memory(acc.device)
+                state.batch_size //= 2
+                state.grad_accum *= 2
+                acc.gradient_accumulation_steps = state.grad_accum
+                yield Notice(
+                    f"out of memory: retrying with micro-batch {state.batch_size} and accumulation "
+                    f"{state.grad_accum} (same effective batch of {self.global_batch})"
+                )
+
+    def _loss(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=batch, labels=batch).loss
+
+    def _stop_requested(self) -> bool:
+        stop = self.stop_signal is not None
+        if self.acc.num_processes > 1:
+            # Every rank must agree, or one would wait forever in the next collective.
+            if stop:
+                self.acc.set_trigger()
+            stop = self.acc.check_trigger()
+            if stop and self.stop_signal is None:
+                self.stop_signal = 2
+        return stop
+
+    def _checkpoint(self) -> Path:
+        from llmkit import checkpoints
+
+        cfg, state = self.cfg, self.state
+        payload = {
+            "step": state.step,
+            "epoch": state.step / self.steps_per_epoch,
+            "total_steps": self.total,
+            "val_loss": state.val_loss,
+            "fingerprint": self.data.fingerprint,
+            "processes": self.acc.num_processes,
+            "config": asdict(cfg),
+            "loop": asdict(state),
+        }
+        return checkpoints.save(self.acc, self.out, state.step, payload, cfg.keep, cfg.keep_best)
 
     def _data(self, tokenizer: Any, block_size: int, main: bool) -> PreparedData:
         from llmkit.data import prepare
@@ -464,6 +623,68 @@ class Trainer:
             },
         }
         rundir.save_final(self.out, model, self.tokenizer, meta, modelcard.render(meta))
+
+
+def checkpoints_root(out: Path) -> Path:
+    from llmkit import checkpoints
+
+    return checkpoints.root(out)
+
+
+def _truncate_metrics(out: Path, step: int) -> dict[str, Any] | None:
+    """Drop metrics logged after the checkpoint, so the resumed run neither repeats nor skips a step.
+
+    Returns the last record kept.
+    """
+    path = out / rundir.METRICS
+    if not path.is_file():
+        return None
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            break  # a line cut short by the crash, and anything after it
+    path.write_text("".join(keep), encoding="utf-8")
+    return json.loads(keep[-1]) if keep else None
+
+
+def _free_memory(device: torch.device) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@contextmanager
+def _signals(trainer: Trainer) -> Iterator[None]:
+    """Ctrl-C or SIGTERM: finish the step, checkpoint, stop. A second Ctrl-C aborts at once."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        if trainer.stop_signal is None:
+            trainer.stop_signal = signum
+        elif signum == signal.SIGINT and trainer.stop_signal == signal.SIGINT:
+            raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+Event = Plan | Metrics | SampleText | Notice | Finished
 
 
 def run(cfg: TrainConfig, on_tokenize: Callable[[int, int], None] | None = None) -> Iterator[Event]:

@@ -130,6 +130,9 @@ def finetune(
         int, typer.Option("--sample-every", help="Show a sample every N steps; 0 = never.")
     ] = 0,
     sample_prompt: Annotated[str, typer.Option("--sample-prompt", help="Prompt for --sample-every.")] = "",
+    sample_tokens: Annotated[
+        int, typer.Option("--sample-tokens", help="Tokens per --sample-every sample.")
+    ] = 40,
     log_every: Annotated[int, typer.Option("--log-every", help="Log a metrics line every N steps.")] = 10,
     report_to: Annotated[
         str | None,
@@ -139,6 +142,32 @@ def finetune(
             show_default=False,
         ),
     ] = None,
+    save_every: Annotated[
+        int,
+        typer.Option(
+            "--save-every", help="Checkpoint every N steps (and at each epoch's end); 0 = epoch ends."
+        ),
+    ] = 500,
+    keep: Annotated[int, typer.Option("--keep", help="Checkpoints to keep (the newest).")] = 2,
+    keep_best: Annotated[
+        bool, typer.Option("--keep-best", help="Also keep the best by validation loss.")
+    ] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the newest complete checkpoint in OUT.")
+    ] = False,
+    resume_from: Annotated[
+        str | None,
+        typer.Option("--resume-from", help="Continue from this checkpoint directory.", show_default=False),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="On resume, allow settings that can safely change (--eval-every, …) to differ."
+        ),
+    ] = False,
+    max_bad_steps: Annotated[
+        int, typer.Option("--max-bad-steps", help="Stop after this many non-finite losses in a row.")
+    ] = 5,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Reuse a non-empty OUT that isn't an llmkit run.")
     ] = False,
@@ -147,51 +176,14 @@ def finetune(
     allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Fine-tune a model on text files, or train one from scratch. Prints OUT's path on stdout."""
+    options = dict(locals())
+    from dataclasses import fields
+
     from llmkit.config import TrainConfig
     from llmkit.models import quiet_transformers
 
-    cfg = TrainConfig(
-        data=data,
-        output=output,
-        model=model,
-        from_scratch=from_scratch,
-        tokenizer=tokenizer,
-        n_layer=n_layer,
-        n_head=n_head,
-        n_embd=n_embd,
-        context=context,
-        block_size=block_size,
-        text_field=text_field,
-        glob=glob,
-        errors=errors,
-        num_proc=num_proc,
-        cache_dir=cache_dir,
-        no_cache=no_cache,
-        val_file=val_file,
-        val_split=val_split,
-        epochs=epochs,
-        max_steps=max_steps,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        lr=lr,
-        weight_decay=weight_decay,
-        lr_schedule=lr_schedule,
-        warmup_steps=warmup_steps,  # type: ignore[arg-type]
-        warmup_ratio=warmup_ratio,
-        max_grad_norm=max_grad_norm,
-        mixed_precision=mixed_precision,  # type: ignore[arg-type]
-        gradient_checkpointing=gradient_checkpointing,
-        seed=seed,
-        eval_every=eval_every,
-        sample_every=sample_every,
-        sample_prompt=sample_prompt,
-        log_every=log_every,
-        report_to=report_to,
-        overwrite=overwrite,
-        device=device,
-        offline=offline,
-        allow_pickle=allow_pickle,
-    )
+    # Every option is named after its TrainConfig field; the config validates them all at once.
+    cfg = TrainConfig(**{f.name: options[f.name] for f in fields(TrainConfig)})
     from llmkit import training
 
     quiet_transformers(out.settings.verbose)
@@ -199,8 +191,26 @@ def finetune(
     try:
         for event in training.run(cfg, on_tokenize=view.tokenizing):
             view.show(event)
+    except training.Interrupted as exc:
+        exc.hint = f"resume with: {resume_command()}"
+        raise
     finally:
         view.close()
+
+
+def resume_command() -> str:
+    import shlex
+    import sys
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip or arg in ("--resume", "--overwrite") or arg.startswith("--resume-from="):
+            skip = False
+            continue
+        skip = arg == "--resume-from"
+        if not skip:
+            args.append(arg)
+    return shlex.join(["llmkit", *args, "--resume"])
 
 
 class _View:
@@ -238,6 +248,8 @@ class _View:
             self._plan(event)
         elif isinstance(event, training.Metrics):
             self._metrics(event)
+        elif isinstance(event, training.Notice):
+            self._print(event.message)
         elif isinstance(event, training.SampleText):
             self._print(f"sample at step {event.step}: {event.text!r}")
         elif isinstance(event, training.Finished):
@@ -279,7 +291,9 @@ class _View:
 
     def _metrics(self, m: Any) -> None:
         val = f"  val loss {m.val_loss:.4f}  val ppl {m.val_perplexity:.2f}" if m.val_loss is not None else ""
-        info = f"epoch {m.epoch:.2f}  loss {m.loss:.4f}{val}  lr {m.lr:.2e}  {m.tokens_per_second:,.0f} tok/s"
+        info = (
+            f"epoch {m.epoch:.2f}  loss {_num(m.loss)}{val}  lr {m.lr:.2e}  {m.tokens_per_second:,.0f} tok/s"
+        )
         if self.bar is not None:
             self.bar.update(self.task, completed=m.step, info=info)
             if m.val_loss is not None:
@@ -291,7 +305,7 @@ class _View:
         m = f.final
         ppl = f"  val perplexity {m.val_perplexity:.3f}" if m.val_perplexity is not None else ""
         self._print(
-            f"done: {m.step:,} steps in {f.seconds:.1f}s, loss {sparkline(f.losses)} {m.loss:.4f}{ppl}"
+            f"done: {m.step:,} steps in {f.seconds:.1f}s, loss {sparkline(f.losses)} {_num(m.loss)}{ppl}"
         )
         self._print(f"saved to {f.output}")
         out.write(f"{f.output}\n", flush=True)
@@ -310,6 +324,10 @@ class _View:
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def sparkline(values: list[float], width: int = 24) -> str:
