@@ -173,12 +173,8 @@ class Generator:
         return GenerationConfig(**options)
 
     # -- running -----------------------------------------------------------------------------------
-    def run(
-        self,
-        prompts: Iterable[Prompt],
-        on_prompt_done: Callable[[], None] | None = None,
-    ) -> Iterator[Sample]:
-        """Samples for every prompt, in input order, `num_samples` per prompt."""
+    def run(self, prompts: Iterable[Prompt]) -> Iterator[list[Sample]]:
+        """The samples of each prompt (`num_samples` of them), prompt by prompt in input order."""
         import torch
 
         torch.manual_seed(self.seed)
@@ -193,9 +189,7 @@ class Generator:
                     done[enc.index] = samples
                 # Emit what is ready, in input order.
                 while group and group[0].index in done:
-                    yield from done.pop(group.pop(0).index)
-                    if on_prompt_done:
-                        on_prompt_done()
+                    yield done.pop(group.pop(0).index)
 
     def stream(self, prompt: Prompt, on_text: Callable[[str], None]) -> Sample:
         """One prompt, one sample, its text delivered to `on_text` as soon as it is final."""

@@ -587,7 +587,7 @@ class Trainer:
                         max_new_tokens=self.cfg.sample_tokens, seed=self.cfg.seed, temperature=0.8, top_k=40
                     ),
                 )
-                return next(gen.run([Prompt(0, self.cfg.sample_prompt)])).completion
+                return next(gen.run([Prompt(0, self.cfg.sample_prompt)]))[0].completion
         finally:
             model.train()
 

@@ -363,3 +363,79 @@ def test_generation_config_uses_transformers_processors(tiny_model: Path) -> Non
     config = gen.generation_config(10)
     assert config.do_sample and config.temperature == 0.7 and config.top_p == 0.9 and config.min_p == 0.05
     assert config.stop_strings == ["\n\n"]
+
+
+def test_resume_output_continues_where_it_stopped(cli, tiny_model: Path, tmp_path: Path) -> None:
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"The cat number {i}\n" for i in range(10)))
+    base = [
+        "generate",
+        "-m",
+        tiny_model,
+        "-i",
+        prompts,
+        "--greedy",
+        "-n",
+        "6",
+        "-f",
+        "jsonl",
+        "--batch-size",
+        "3",
+    ]
+    reference = cli(*base).stdout
+    lines = reference.splitlines(keepends=True)
+    partial = tmp_path / "out.jsonl"
+    partial.write_text("".join(lines[:4]) + lines[4][:20])  # killed mid-line
+    result = cli(*base, "--resume-output", partial)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == ""
+    assert "skipping 4 prompt(s)" in result.stderr
+
+    def essence(text: str) -> list[tuple]:
+        return [(r["id"], r["prompt"], r["completion"]) for r in records(text)]
+
+    assert essence(partial.read_text()) == essence(reference)
+    again = cli(*base, "--resume-output", partial)  # nothing left to do
+    assert essence(partial.read_text()) == essence(reference) and "skipping 10" in again.stderr
+
+
+def test_resume_output_drops_a_prompt_with_missing_samples(cli, tiny_model: Path, tmp_path: Path) -> None:
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": "A dog"}) + "\n" for i in range(4)))
+    out = tmp_path / "out.jsonl"
+    full = records(
+        cli(
+            "generate", "-m", tiny_model, "-i", prompts, "-s", "2", "--seed", "1", "-n", "3", "-f", "jsonl"
+        ).stdout
+    )
+    out.write_text("".join(json.dumps(r) + "\n" for r in full[:5]))  # p2 has one sample of two
+    result = cli(
+        "generate",
+        "-m",
+        tiny_model,
+        "-i",
+        prompts,
+        "-s",
+        "2",
+        "--seed",
+        "1",
+        "-n",
+        "3",
+        "-f",
+        "jsonl",
+        "--resume-output",
+        out,
+    )
+    assert result.exit_code == 0, result.stderr
+    rows = records(out.read_text())
+    assert sorted((r["id"], r["sample"]) for r in rows) == [(f"p{i}", s) for i in range(4) for s in (0, 1)]
+    assert rows[:4] == full[:4]
+
+
+def test_resume_output_needs_jsonl_and_input(cli, tiny_model: Path, tmp_path: Path) -> None:
+    assert cli("generate", "-m", tiny_model, "hi", "--resume-output", tmp_path / "o.jsonl").exit_code == 2
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hi\n")
+    assert cli("generate", "-m", tiny_model, "-i", prompts, "--resume-output", tmp_path / "o").exit_code == 2
+    bad = cli("generate", "-m", tiny_model, "-i", prompts, "-f", "jsonl", "--resume-output", tmp_path)
+    assert bad.exit_code == 1 and "is a directory" in bad.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import signal
@@ -137,3 +138,42 @@ def test_bad_option_is_exit_2(tiny_model: Path) -> None:
     result = run_llmkit("generate", "-m", tiny_model, "--no-such-flag")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
+
+
+def test_ctrl_c_then_resume_output_completes_the_file(tiny_model: Path, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"The old king {i}\n" for i in range(300)))
+    out = tmp_path / "out.jsonl"
+    argv = [
+        sys.executable,
+        "-m",
+        "llmkit",
+        "generate",
+        "-m",
+        str(tiny_model),
+        "-i",
+        str(prompts),
+        "-n",
+        "20",
+        "--greedy",
+        "--batch-size",
+        "1",
+        "-f",
+        "jsonl",
+        "--resume-output",
+        str(out),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 60
+    while (not out.exists() or out.read_text().count("\n") < 5) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in stderr
+    text = out.read_text()
+    assert text.endswith("\n") and 5 <= text.count("\n") < 300  # only whole lines, and not all of them
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    assert ids == list(range(1, 301))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated
 
@@ -129,12 +130,24 @@ def generate(
     separator: Annotated[
         str, typer.Option("--separator", help="Text mode: written after each sample (\\n, \\t understood).")
     ] = "\\n",
+    resume_output: Annotated[
+        str | None,
+        typer.Option(
+            "--resume-output",
+            help="Append JSONL to this file instead of stdout, skipping prompts whose ids it already holds "
+            "(continue an interrupted --input run).",
+            show_default=False,
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     offline: OfflineOpt = False,
     allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Generate text from a prompt, or from many prompts with --input."""
+    options = dict(locals())
+    from dataclasses import fields
+
     from llmkit.cli._inputs import count_prompt_lines, read_prompts, text_argument
     from llmkit.config import GenerateConfig
     from llmkit.errors import UsageError
@@ -143,28 +156,17 @@ def generate(
         raise UsageError(f"unknown --format {fmt!r}", "use text or jsonl")
     if input_file is not None and prompt:
         raise UsageError("pass a prompt or --input, not both")
-    cfg = GenerateConfig(
-        max_new_tokens=max_new_tokens,
-        max_length=max_length,
-        min_new_tokens=min_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        typical_p=typical_p,
-        repetition_penalty=repetition_penalty,
-        no_repeat_ngram_size=no_repeat_ngram_size,
-        greedy=greedy,
-        num_samples=num_samples,
-        seed=seed,
-        stop=[_unescape(s) for s in stop or []],
-        keep_stop=keep_stop,
-        truncate=truncate,
-        batch_size=batch_size,  # type: ignore[arg-type]
-    )
+    if resume_output is not None and (input_file is None or fmt != "jsonl"):
+        raise UsageError(
+            "--resume-output needs --input and --format jsonl", "ids tell which prompts are done"
+        )
+    options["stop"] = [_unescape(s) for s in stop or []]
+    # Every decoding option is named after its GenerateConfig field; the config validates them all.
+    cfg = GenerateConfig(**{f.name: options[f.name] for f in fields(GenerateConfig)})
     load_cfg = load_config(model, device, dtype, offline, allow_pickle)
     sep = _unescape(separator)
     single = None if input_file is not None else text_argument(prompt, "prompt")
+    sink = _Sink(resume_output, cfg.num_samples)
 
     from llmkit.cli._loading import load_model
     from llmkit.generation import Generator, Prompt
@@ -173,38 +175,74 @@ def generate(
     out.detail(f"seed {gen.seed}")
     started = time.perf_counter()
 
-    def emit(sample) -> None:
+    def emit(samples: list) -> None:
+        # A prompt's samples go out in one write: an interrupted run never leaves half a prompt.
         if fmt == "jsonl":
-            out.write_json(sample.record())
+            sink.write("".join(json.dumps(s.record(), ensure_ascii=False) + "\n" for s in samples))
         else:
-            out.write((sample.prompt if echo else "") + sample.completion + sep)
-        out.flush()
+            sink.write("".join((s.prompt if echo else "") + s.completion + sep for s in samples))
 
     prompts_done = 0
-    if single is not None:
-        one = Prompt(1, single)
-        if stream is None:
-            stream = out.stdout_is_terminal()
-        if stream and fmt == "text" and cfg.num_samples == 1:
-            if echo:
-                out.write(single, flush=True)
-            gen.stream(one, lambda text: out.write(text, flush=True))
-            out.write(sep, flush=True)
+    try:
+        if single is not None:
+            one = Prompt(1, single)
+            if stream is None:
+                stream = out.stdout_is_terminal()
+            if stream and fmt == "text" and cfg.num_samples == 1:
+                if echo:
+                    out.write(single, flush=True)
+                gen.stream(one, lambda text: out.write(text, flush=True))
+                out.write(sep, flush=True)
+            else:
+                for samples in gen.run([one]):
+                    emit(samples)
+            prompts_done = 1
         else:
-            for sample in gen.run([one]):
-                emit(sample)
-        prompts_done = 1
-    else:
-        with out.progress("generating", count_prompt_lines(input_file), unit="prompts") as bar:
-
-            def tick() -> None:
-                nonlocal prompts_done
-                prompts_done += 1
-                out.advance(bar)
-
-            for sample in gen.run(read_prompts(input_file), on_prompt_done=tick):
-                emit(sample)
+            prompts = read_prompts(input_file)
+            total = count_prompt_lines(input_file)
+            if sink.done:
+                prompts = (p for p in prompts if sink.key(p.id) not in sink.done)
+                out.say(f"skipping {len(sink.done):,} prompt(s) already in {resume_output}")
+                total = None if total is None else max(0, total - len(sink.done))
+            with out.progress("generating", total, unit="prompts") as bar:
+                for samples in gen.run(prompts):
+                    emit(samples)
+                    prompts_done += 1
+                    out.advance(bar)
+    finally:
+        sink.close()
     _summary(gen, prompts_done, started)
+
+
+class _Sink:
+    """Where samples go: stdout, or the JSONL file of --resume-output (appended to)."""
+
+    def __init__(self, resume_output: str | None, samples_per_id: int) -> None:
+        self.file = None
+        self.done: set[str] = set()
+        if resume_output is not None:
+            from pathlib import Path
+
+            from llmkit.errors import OutputError
+            from llmkit.resumable import completed, id_key
+
+            self.key = id_key
+            self.done = completed(Path(resume_output), samples_per_id)
+            try:
+                self.file = open(resume_output, "a", encoding="utf-8")  # noqa: SIM115
+            except OSError as exc:
+                raise OutputError(f"cannot write {resume_output}: {exc.strerror or exc}") from None
+
+    def write(self, text: str) -> None:
+        if self.file is None:
+            out.write(text, flush=True)
+        else:
+            self.file.write(text)
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 def _summary(gen, prompts: int, started: float) -> None:
