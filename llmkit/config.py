@@ -15,6 +15,14 @@ def _check(ok: bool, message: str, hint: str | None = None) -> None:
         raise UsageError(message, hint)
 
 
+def check_device(device: str) -> None:
+    _check(
+        device in ("auto", "cpu", "cuda", "mps") or (device.startswith("cuda:") and device[5:].isdigit()),
+        f"unknown device {device!r}",
+        "use auto, cpu, cuda, cuda:N or mps",
+    )
+
+
 @dataclass
 class LoadConfig:
     """How to find and place a model."""
@@ -31,12 +39,7 @@ class LoadConfig:
     """Allow loading pickle (`.bin`) weights, which can run code when loaded."""
 
     def __post_init__(self) -> None:
-        _check(
-            self.device in ("auto", "cpu", "cuda", "mps")
-            or (self.device.startswith("cuda:") and self.device[5:].isdigit()),
-            f"unknown device {self.device!r}",
-            "use auto, cpu, cuda, cuda:N or mps",
-        )
+        check_device(self.device)
         _check(
             self.dtype in ("auto", "float32", "bfloat16", "float16"),
             f"unknown dtype {self.dtype!r}",
@@ -223,6 +226,7 @@ class TrainConfig:
     allow_pickle: bool = False
 
     def __post_init__(self) -> None:
+        check_device(self.device)
         _check(bool(self.data), "no training data given", "pass text files, directories, or - for stdin")
         _check(self.epochs is None or self.epochs > 0, "--epochs must be positive")
         _check(self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1")

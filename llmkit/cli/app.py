@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from typing import Annotated, Any
@@ -14,6 +15,8 @@ from llmkit.cli import _output as out
 from llmkit.errors import LlmkitError
 
 EXIT_INTERRUPTED = 130
+# Failures of the machine rather than of llmkit: reported in one line like any other llmkit error.
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for `yes | head`
 
 
@@ -42,12 +45,18 @@ class LlmkitGroup(TyperGroup):
         except Exception as exc:
             if out.debug_enabled():
                 raise
-            out.error(
-                LlmkitError(
-                    f"unexpected {type(exc).__name__}: {exc}",
-                    "this is probably a bug in llmkit: rerun with --debug and report the traceback",
+            if isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS:
+                where = f" ({exc.filename})" if exc.filename else ""
+                out.error(
+                    LlmkitError(f"{exc.strerror}{where}", "check free space and permissions, then run again")
                 )
-            )
+            else:
+                out.error(
+                    LlmkitError(
+                        f"unexpected {type(exc).__name__}: {exc}",
+                        "this is probably a bug in llmkit: rerun with --debug and report the traceback",
+                    )
+                )
             raise typer.Exit(1) from None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from typing import Annotated
@@ -167,6 +168,19 @@ def generate(
     sep = _unescape(separator)
     single = None if input_file is not None else text_argument(prompt, "prompt")
     sink = _Sink(resume_output, cfg.num_samples)
+    prompts = None
+    if input_file is not None:
+        # Look at the first prompt before loading the model: an empty or broken file fails fast.
+        prompts = read_prompts(input_file)
+        first = next(prompts, None)
+        if first is None:
+            from llmkit.errors import InputError
+
+            raise InputError(
+                f"no prompts in {'stdin' if input_file == '-' else input_file}",
+                'write one prompt per line, or JSONL objects with a "prompt"',
+            )
+        prompts = itertools.chain([first], prompts)
 
     from llmkit.cli._loading import load_model
     from llmkit.generation import Generator, Prompt
@@ -198,7 +212,7 @@ def generate(
                     emit(samples)
             prompts_done = 1
         else:
-            prompts = read_prompts(input_file)
+            assert prompts is not None
             total = count_prompt_lines(input_file)
             if sink.done:
                 prompts = (p for p in prompts if sink.key(p.id) not in sink.done)
