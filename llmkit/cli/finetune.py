@@ -177,7 +177,12 @@ def finetune(
 ) -> None:
     """Fine-tune a model on text files, or train one from scratch. Prints OUT's path on stdout."""
     options = dict(locals())
+    import os
     from dataclasses import fields
+
+    # MKL may otherwise pick its thread count by the machine's momentary load, and a different count
+    # sums in a different order: resumed CPU runs must match uninterrupted ones bit for bit.
+    os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
     from llmkit.config import TrainConfig
     from llmkit.models import quiet_transformers
