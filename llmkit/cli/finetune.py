@@ -197,7 +197,10 @@ def finetune(
         for event in training.run(cfg, on_tokenize=view.tokenizing):
             view.show(event)
     except training.Interrupted as exc:
-        exc.hint = f"resume with: {resume_command()}"
+        if int(os.environ.get("RANK", "0")) != 0:
+            raise typer.Exit(exc.exit_code) from None  # the main process says it, once
+        launcher = " (under the same launcher)" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        exc.hint = f"resume with: {resume_command()}{launcher}"
         raise
     finally:
         view.close()
