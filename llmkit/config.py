@@ -207,6 +207,8 @@ class TrainConfig:
     report_to: str | None = None
     """An accelerate tracker: tensorboard, wandb, …"""
     overwrite: bool = False
+    save_dtype: str = "float32"
+    """Dtype of the final weights: float32, or bfloat16/float16 for half the size."""
     save_every: int = 500
     """Checkpoint every N steps (and at the end of each epoch); 0: only at epoch ends."""
     keep: int = 2
@@ -253,6 +255,10 @@ class TrainConfig:
             _check(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be 0 or more")
         _check(self.log_every >= 1, "--log-every must be at least 1")
         _check(self.save_every >= 0, "--save-every must be 0 or more")
+        _check(
+            self.save_dtype in ("float32", "bfloat16", "float16"),
+            "--save-dtype must be float32, bfloat16 or float16",
+        )
         _check(self.keep >= 1, "--keep must be at least 1", "the newest checkpoint is what --resume needs")
         _check(self.max_bad_steps >= 1, "--max-bad-steps must be at least 1")
         _check(not (self.resume and self.resume_from), "pass --resume or --resume-from, not both")

@@ -58,6 +58,7 @@ $ llmkit generate -m {meta["name"]} "Your prompt"
 
 ```python
 from transformers import pipeline
+
 generator = pipeline("text-generation", model="{meta["name"]}")
 ```
 """

@@ -26,6 +26,7 @@ SAFE = {
     "offline",
     "allow_pickle",
     "overwrite",
+    "save_dtype",
 }
 # Not settings of the run at all (where it is, how it was started); the data is compared by fingerprint.
 IGNORED = {"output", "resume", "resume_from", "force", "data", "val_file"}
@@ -33,6 +34,13 @@ IGNORED = {"output", "resume", "resume_from", "force", "data", "val_file"}
 
 def differences(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
     """(unsafe, safe) differences, each as 'name: saved → current'."""
+    from dataclasses import MISSING, fields
+
+    from llmkit.config import TrainConfig
+
+    # A setting added after the checkpoint was written counts as its default there.
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    saved = {**defaults, **saved}
     unsafe, safe = [], []
     for key in sorted(set(saved) | set(current)):
         if key in IGNORED or saved.get(key) == current.get(key):

@@ -151,10 +151,6 @@ def perplexity(
     return Score(nll, count, n_bytes)
 
 
-def count_windows(n_tokens: int, context: int, stride: int) -> int:
-    return len(windows(n_tokens, context, stride))
-
-
 def per_line(lm: LoadedModel, lines: Iterable[str], cfg: PerplexityConfig) -> Iterator[tuple[str, Score]]:
     """Each line scored as its own text (no BOS; its first token unscored), batched with padding."""
     context, _ = resolve_window(lm, cfg)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmkit import rundir
+from llmkit import checkpoints, rundir
 from llmkit.config import TrainConfig
 from llmkit.errors import InputError, LlmkitError, ModelError, UsageError
 
@@ -125,9 +125,16 @@ def _build_model(cfg: TrainConfig) -> tuple[Any, Any]:
 
     from llmkit.models import has_tokenizer, load_tokenizer, resolve
 
-    source = resolve(
-        cfg.model, offline=cfg.offline, allow_pickle=cfg.allow_pickle, weights=not cfg.from_scratch
+    # gpt2's architecture is transformers' GPT2Config default: training it from scratch with a tokenizer
+    # of one's own needs nothing from the hub.
+    known_config = (
+        cfg.from_scratch and cfg.tokenizer is not None and cfg.model in ("gpt2", "openai-community/gpt2")
     )
+    source = None
+    if not known_config:
+        source = resolve(
+            cfg.model, offline=cfg.offline, allow_pickle=cfg.allow_pickle, weights=not cfg.from_scratch
+        )
     if cfg.tokenizer is not None:
         tok_dir = Path(cfg.tokenizer)
         if not (tok_dir.is_dir() and has_tokenizer(tok_dir)):
@@ -137,6 +144,7 @@ def _build_model(cfg: TrainConfig) -> tuple[Any, Any]:
             )
         tokenizer = load_tokenizer(tok_dir, cfg.tokenizer)
     else:
+        assert source is not None
         tokenizer = load_tokenizer(source.path, cfg.model)
     if tokenizer.eos_token_id is None:
         raise ModelError(
@@ -144,6 +152,7 @@ def _build_model(cfg: TrainConfig) -> tuple[Any, Any]:
             "documents are joined with it; train one with llmkit train-tokenizer",
         )
     if not cfg.from_scratch:
+        assert source is not None
         model = AutoModelForCausalLM.from_pretrained(
             source.path,
             dtype="float32",
@@ -151,7 +160,12 @@ def _build_model(cfg: TrainConfig) -> tuple[Any, Any]:
             use_safetensors=None if cfg.allow_pickle else True,
         )
         return model, tokenizer
-    config = AutoConfig.from_pretrained(source.path, local_files_only=True)
+    if source is None:
+        from transformers import GPT2Config
+
+        config = GPT2Config()
+    else:
+        config = AutoConfig.from_pretrained(source.path, local_files_only=True)
     overrides = {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd}
     for key, value in overrides.items():
         if value is not None:
@@ -248,8 +262,6 @@ class Trainer:
 
     def events(self) -> Iterator[Event]:
         from accelerate.utils import set_seed
-
-        from llmkit import checkpoints
 
         cfg = self.cfg
         acc = self.acc = _accelerator(cfg, self.out)
@@ -392,7 +404,7 @@ class Trainer:
                         f"{state.bad_in_row} non-finite steps in a row at step {state.step + 1}: "
                         "the run diverged",
                         "lower --lr, raise --warmup-steps, or use bf16/fp32; "
-                        "the last good checkpoint is in " + str(checkpoints_root(self.out)),
+                        "the last good checkpoint is in " + str(checkpoints.root(self.out)),
                     )
             else:
                 optimizer.step()
@@ -505,8 +517,6 @@ class Trainer:
         return stop
 
     def _checkpoint(self) -> Path:
-        from llmkit import checkpoints
-
         cfg, state = self.cfg, self.state
         payload = {
             "step": state.step,
@@ -603,6 +613,10 @@ class Trainer:
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_disable()
             model.config.use_cache = True
+        if cfg.save_dtype != "float32":
+            import torch
+
+            model = model.to(getattr(torch, cfg.save_dtype))  # training is over: halve the file
         meta = {
             "name": self.out.name,
             "config": asdict(cfg),
@@ -623,12 +637,6 @@ class Trainer:
             },
         }
         rundir.save_final(self.out, model, self.tokenizer, meta, modelcard.render(meta))
-
-
-def checkpoints_root(out: Path) -> Path:
-    from llmkit import checkpoints
-
-    return checkpoints.root(out)
 
 
 def _truncate_metrics(out: Path, step: int) -> dict[str, Any] | None:

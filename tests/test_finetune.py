@@ -240,7 +240,7 @@ def test_two_processes_match_one(corpus: Path, tiny_model_nodrop: Path, tmp_path
     assert m2[-1]["tokens"] == m1[-1]["tokens"]
 
 
-def test_from_scratch_with_a_trained_tokenizer(cli, corpus: Path, tiny_model: Path, tmp_path: Path) -> None:
+def test_from_scratch_with_a_trained_tokenizer(cli, corpus: Path, tmp_path: Path) -> None:
     bpe = tmp_path / "bpe"
     made = cli("train-tokenizer", corpus, "-o", bpe, "--vocab-size", "300")
     assert made.exit_code == 0, made.stderr
@@ -248,10 +248,13 @@ def test_from_scratch_with_a_trained_tokenizer(cli, corpus: Path, tiny_model: Pa
     tok = AutoTokenizer.from_pretrained(bpe)
     assert 257 < len(tok) <= 300 and tok.eos_token == "<|endoftext|>"
     assert tok.decode(tok(PATTERN)["input_ids"]) == PATTERN
+    count = cli("tokenize", "-m", bpe, "--count", PATTERN)  # a tokenizer directory is enough to tokenize
+    assert count.stdout == f"{len(tok(PATTERN)['input_ids'])}\n"
     out = tmp_path / "scratch"
+    # gpt2's architecture needs nothing from the hub (offline here): its config is transformers' default.
     train(
         cli,
-        tiny_model,
+        Path("gpt2"),
         corpus,
         out,
         "--from-scratch",
@@ -269,11 +272,20 @@ def test_from_scratch_with_a_trained_tokenizer(cli, corpus: Path, tiny_model: Pa
         "40",
         "--lr",
         "5e-3",
+        "--save-dtype",
+        "bfloat16",
     )
     model = AutoModelForCausalLM.from_pretrained(out)
     assert (model.config.n_layer, model.config.n_embd, model.config.n_positions) == (1, 32, 64)
     assert model.config.vocab_size == len(tok)
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
     assert metrics(out)[-1]["val_loss"] < 1.5
+    from llmkit.config import LoadConfig
+    from llmkit.models import load
+
+    assert load(LoadConfig(model=str(out))).model.dtype == torch.float32  # upcast for the CPU
     text = cli("generate", "-m", out, "The cat", "--greedy", "-n", "8", "--no-stream")
     assert text.exit_code == 0, text.stderr
 

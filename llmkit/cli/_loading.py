@@ -25,8 +25,13 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
 
 def load_tokenizer_only(cfg: LoadConfig):
     """For commands that need no weights: resolve and check the model, load just its tokenizer."""
-    from llmkit.models import load_tokenizer, quiet_transformers, resolve
+    from pathlib import Path
+
+    from llmkit.models import CONFIG_FILE, has_tokenizer, load_tokenizer, quiet_transformers, resolve
 
     quiet_transformers(out.settings.verbose)
+    bare = Path(cfg.model)
+    if bare.is_dir() and has_tokenizer(bare) and not (bare / CONFIG_FILE).is_file():
+        return load_tokenizer(bare, cfg.model)  # a tokenizer directory, e.g. from train-tokenizer
     source = resolve(cfg.model, offline=cfg.offline, allow_pickle=cfg.allow_pickle)
     return load_tokenizer(source.path, cfg.model)

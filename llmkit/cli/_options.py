@@ -41,6 +41,24 @@ def load_config(model: str, device: str, dtype: str, offline: bool, allow_pickle
 
 
 def check_format(fmt: str, allowed: tuple[str, ...]) -> str:
+    from llmkit.errors import UsageError
+
     if fmt not in allowed:
-        raise typer.BadParameter(f"must be one of: {', '.join(allowed)}", param_hint="--format")
+        raise UsageError(f"unknown --format {fmt!r}", f"use {' or '.join(allowed)}")
     return fmt
+
+
+# Options of the commands that read training data (finetune, train-tokenizer).
+DataArg = Annotated[
+    list[str], typer.Argument(help="Text files, directories, or - for stdin.", show_default=False)
+]
+TextFieldOpt = Annotated[str, typer.Option("--text-field", help="JSONL field holding the text.")]
+GlobOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--glob",
+        help="File pattern inside directories (default: common text extensions).",
+        show_default=False,
+    ),
+]
+ErrorsOpt = Annotated[str, typer.Option("--errors", help="Invalid UTF-8: replace (and count) or strict.")]

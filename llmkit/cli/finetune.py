@@ -7,7 +7,16 @@ from typing import Annotated, Any
 import typer
 
 from llmkit.cli import _output as out
-from llmkit.cli._options import AllowPickleOpt, DeviceOpt, ModelOpt, OfflineOpt
+from llmkit.cli._options import (
+    AllowPickleOpt,
+    DataArg,
+    DeviceOpt,
+    ErrorsOpt,
+    GlobOpt,
+    ModelOpt,
+    OfflineOpt,
+    TextFieldOpt,
+)
 
 EXAMPLES = """\b
 Examples:
@@ -19,9 +28,7 @@ SPARKS = "▁▂▃▄▅▆▇█"
 
 
 def finetune(
-    data: Annotated[
-        list[str], typer.Argument(help="Text files, directories, or - for stdin.", show_default=False)
-    ],
+    data: DataArg,
     output: Annotated[
         str,
         typer.Option(
@@ -54,18 +61,9 @@ def finetune(
             "--block-size", help="Tokens per block (default: min(context, 1024)).", show_default=False
         ),
     ] = None,
-    text_field: Annotated[str, typer.Option("--text-field", help="JSONL field holding the text.")] = "text",
-    glob: Annotated[
-        str | None,
-        typer.Option(
-            "--glob",
-            help="File pattern inside directories (default: common text extensions).",
-            show_default=False,
-        ),
-    ] = None,
-    errors: Annotated[
-        str, typer.Option("--errors", help="Invalid UTF-8: replace (and count) or strict.")
-    ] = "replace",
+    text_field: TextFieldOpt = "text",
+    glob: GlobOpt = None,
+    errors: ErrorsOpt = "replace",
     num_proc: Annotated[int, typer.Option("--num-proc", help="Processes for tokenization.")] = 1,
     cache_dir: Annotated[
         str | None,
@@ -142,6 +140,9 @@ def finetune(
             show_default=False,
         ),
     ] = None,
+    save_dtype: Annotated[
+        str, typer.Option("--save-dtype", help="Dtype of the saved weights: float32, bfloat16 or float16.")
+    ] = "float32",
     save_every: Annotated[
         int,
         typer.Option(

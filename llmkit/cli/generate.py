@@ -16,6 +16,7 @@ from llmkit.cli._options import (
     DtypeOpt,
     ModelOpt,
     OfflineOpt,
+    check_format,
     load_config,
 )
 
@@ -153,8 +154,7 @@ def generate(
     from llmkit.config import GenerateConfig
     from llmkit.errors import UsageError
 
-    if fmt not in ("text", "jsonl"):
-        raise UsageError(f"unknown --format {fmt!r}", "use text or jsonl")
+    check_format(fmt, ("text", "jsonl"))
     if input_file is not None and prompt:
         raise UsageError("pass a prompt or --input, not both")
     if resume_output is not None and (input_file is None or fmt != "jsonl"):

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from llmkit.cli import _output as out
-from llmkit.cli._options import AllowPickleOpt, DeviceOpt, DtypeOpt, FormatOpt, ModelOpt, OfflineOpt
+from llmkit.cli._options import (
+    AllowPickleOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FormatOpt,
+    ModelOpt,
+    OfflineOpt,
+    check_format,
+)
 
 EXAMPLES = """\b
 Examples:
@@ -22,11 +30,9 @@ def info(
 ) -> None:
     """Architecture, size, context, vocabulary, dtype and location of a model."""
     from llmkit.cli._options import load_config
-    from llmkit.errors import UsageError
     from llmkit.inspect import describe
 
-    if fmt not in ("text", "json"):
-        raise UsageError(f"unknown --format {fmt!r}", "use text or json")
+    check_format(fmt, ("text", "json"))
     details = describe(load_config(model, device, dtype, offline, allow_pickle))
     if fmt == "json":
         out.write_json(details)

@@ -7,7 +7,15 @@ from typing import Annotated
 import typer
 
 from llmkit.cli import _output as out
-from llmkit.cli._options import AllowPickleOpt, DeviceOpt, DtypeOpt, FormatOpt, ModelOpt, OfflineOpt
+from llmkit.cli._options import (
+    AllowPickleOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FormatOpt,
+    ModelOpt,
+    OfflineOpt,
+    check_format,
+)
 
 EXAMPLES = """\b
 Examples:
@@ -56,8 +64,7 @@ def perplexity(
     from llmkit.config import PerplexityConfig
     from llmkit.errors import UsageError
 
-    if fmt not in ("text", "json"):
-        raise UsageError(f"unknown --format {fmt!r}", "use text or json")
+    check_format(fmt, ("text", "json"))
     if not files:
         if stdin_is_terminal():
             raise UsageError("no files given", "pass text files, or pipe text in with -")

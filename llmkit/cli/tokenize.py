@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from llmkit.cli import _output as out
-from llmkit.cli._options import AllowPickleOpt, FormatOpt, ModelOpt, OfflineOpt
+from llmkit.cli._options import AllowPickleOpt, FormatOpt, ModelOpt, OfflineOpt, check_format
 
 EXAMPLES = """\b
 Examples:
@@ -45,8 +45,7 @@ def tokenize(
     from llmkit.cli._options import load_config
     from llmkit.errors import UsageError
 
-    if fmt not in ("text", "json"):
-        raise UsageError(f"unknown --format {fmt!r}", "use text or json")
+    check_format(fmt, ("text", "json"))
     if sum([tokens, count, decode]) > 1:
         raise UsageError("--tokens, --count and --decode exclude each other")
     if file is not None and text:

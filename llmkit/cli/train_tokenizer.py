@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from llmkit.cli import _output as out
+from llmkit.cli._options import DataArg, ErrorsOpt, GlobOpt, TextFieldOpt
 
 EXAMPLES = """\b
 Examples:
@@ -16,9 +17,7 @@ Examples:
 
 
 def train_tokenizer(
-    data: Annotated[
-        list[str], typer.Argument(help="Text files, directories, or - for stdin.", show_default=False)
-    ],
+    data: DataArg,
     output: Annotated[
         str, typer.Option("--output", "-o", help="Directory for the tokenizer files.", show_default=False)
     ],
@@ -29,11 +28,9 @@ def train_tokenizer(
     min_frequency: Annotated[
         int, typer.Option("--min-frequency", help="Merge only pairs seen this often.")
     ] = 2,
-    text_field: Annotated[str, typer.Option("--text-field", help="JSONL field holding the text.")] = "text",
-    glob: Annotated[
-        str | None, typer.Option("--glob", help="File pattern inside directories.", show_default=False)
-    ] = None,
-    errors: Annotated[str, typer.Option("--errors", help="Invalid UTF-8: replace or strict.")] = "replace",
+    text_field: TextFieldOpt = "text",
+    glob: GlobOpt = None,
+    errors: ErrorsOpt = "replace",
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace tokenizer files already in OUT.")
     ] = False,
@@ -76,6 +73,6 @@ def train_tokenizer(
         out.warn(f"{stats.invalid_bytes:,} invalid UTF-8 byte(s) were replaced")
     out.say(
         f"trained a {len(tokenizer):,}-token byte-level BPE ({EOS} = {tokenizer.eos_token_id}) on "
-        f"{stats.documents:,} documents"
+        f"{stats.documents:,} document{'s' if stats.documents != 1 else ''}"
     )
     out.write(f"{target}\n")
