@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint bench demo clean
+.PHONY: install test lint demo clean
 
 install: $(STAMP)
 
@@ -23,8 +23,33 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-bench: install
-	$(BIN)/python -m bench
+# Streams verse from the built-in model: no network, no download.
+demo: install
+	$(BIN)/llmkit generate -m tiny-shakespeare "ROMEO:" -n 120 --stream
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# The built-in model: reproduced from the corpus with llmkit's own commands and a fixed seed.
+CORPUS ?= ../shared/data/tinyshakespeare.txt
+TS_BUILD := build/tiny-shakespeare
+TS_MODEL := llmkit/builtin/tiny-shakespeare
+# Sized for the budget: <= 10 MB of bf16 weights and <= 20 minutes of training on a 2-core CPU.
+TS_ARGS ?= --n-layer 4 --n-head 4 --n-embd 256 --context 256 --batch-size 8 --max-steps 1600 \
+  --warmup-steps 50 --lr 2e-3 --weight-decay 0.1 --eval-every 200 --save-every 400
+TS_SHIP := config.json generation_config.json model.safetensors tokenizer.json tokenizer_config.json README.md llmkit.json
+
+.PHONY: tiny-shakespeare
+tiny-shakespeare: install
+	rm -rf $(TS_BUILD) && mkdir -p $(TS_BUILD)
+	@# The last 10% of the text is held out: never seen by the tokenizer or the model.
+	size=$$(wc -c < "$(CORPUS)"); head -c $$((size * 9 / 10)) "$(CORPUS)" > $(TS_BUILD)/train.txt; \
+	  tail -c +$$((size * 9 / 10 + 1)) "$(CORPUS)" > $(TS_BUILD)/val.txt
+	$(BIN)/llmkit train-tokenizer $(TS_BUILD)/train.txt -o $(TS_BUILD)/tokenizer --vocab-size 2048
+	$(BIN)/llmkit finetune $(TS_BUILD)/train.txt --val-file $(TS_BUILD)/val.txt -o $(TS_BUILD)/model \
+	  -m gpt2 --from-scratch --tokenizer $(TS_BUILD)/tokenizer $(TS_ARGS) \
+	  --seed 1337 --save-dtype bfloat16 --no-cache --log-every 25 2> $(TS_BUILD)/train.log
+	$(BIN)/llmkit perplexity -m $(TS_BUILD)/model $(TS_BUILD)/val.txt --format json > $(TS_BUILD)/val.json
+	rm -rf $(TS_MODEL) && mkdir -p $(TS_MODEL)
+	cp $(addprefix $(TS_BUILD)/model/,$(TS_SHIP)) $(TS_BUILD)/train.log $(TS_BUILD)/val.json $(TS_MODEL)/
+	cat $(TS_BUILD)/val.json
