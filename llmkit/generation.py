@@ -51,6 +51,18 @@ class Sample:
 
 
 @dataclass
+class Shard:
+    """This process's part of a multi-process run, and how results reach the main process."""
+
+    rank: int
+    world: int
+    gather: Callable[[dict[int, list[Sample]]], dict[int, list[Sample]] | None]
+    """Collective: every process passes its results; the main one gets them all, the others None."""
+    barrier: Callable[[], None] = lambda: None
+    """Collective: wait until every process gets here."""
+
+
+@dataclass
 class _Encoded:
     index: int
     prompt: Prompt
@@ -173,23 +185,34 @@ class Generator:
         return GenerationConfig(**options)
 
     # -- running -----------------------------------------------------------------------------------
-    def run(self, prompts: Iterable[Prompt]) -> Iterator[list[Sample]]:
-        """The samples of each prompt (`num_samples` of them), prompt by prompt in input order."""
+    def run(self, prompts: Iterable[Prompt], shard: Shard | None = None) -> Iterator[list[Sample]]:
+        """The samples of each prompt (`num_samples` of them), prompt by prompt in input order.
+
+        With a `shard`, this process generates every world-th prompt of each window and the main
+        process gathers and yields all of them (the others yield nothing).
+        """
         import torch
 
         torch.manual_seed(self.seed)
-        window = self.batch_size * SORT_WINDOW_BATCHES
+        window = self.batch_size * SORT_WINDOW_BATCHES * (shard.world if shard else 1)
         it = iter(enumerate(prompts))
         while group := [self.encode(i, p) for i, p in islice(it, window)]:
             done: dict[int, list[Sample]] = {}
-            order = sorted(group, key=lambda e: -len(e.ids))
+            mine = [e for e in group if shard is None or e.index % shard.world == shard.rank]
+            order = sorted(mine, key=lambda e: -len(e.ids))
             for start in range(0, len(order), self.batch_size):
                 batch = order[start : start + self.batch_size]
                 for enc, samples in zip(batch, self._generate_batch(batch), strict=True):
                     done[enc.index] = samples
-                # Emit what is ready, in input order.
-                while group and group[0].index in done:
-                    yield done.pop(group.pop(0).index)
+                if shard is None:
+                    # Emit what is ready, in input order.
+                    while group and group[0].index in done:
+                        yield done.pop(group.pop(0).index)
+            if shard is not None:
+                gathered = shard.gather(done)
+                if gathered is not None:
+                    for enc in group:
+                        yield gathered[enc.index]
 
     def stream(self, prompt: Prompt, on_text: Callable[[str], None]) -> Sample:
         """One prompt, one sample, its text delivered to `on_text` as soon as it is final."""

@@ -177,3 +177,51 @@ def test_ctrl_c_then_resume_output_completes_the_file(tiny_model: Path, tmp_path
     assert done.returncode == 0, done.stderr
     ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
     assert ids == list(range(1, 301))
+
+
+def test_two_processes_split_prompts_and_write_one_ordered_output(tiny_model: Path, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"The {'old ' * (i % 4)}king {i}\n" for i in range(23)))
+    common = [
+        "generate",
+        "-m",
+        str(tiny_model),
+        "-i",
+        str(prompts),
+        "--greedy",
+        "-n",
+        "8",
+        "-f",
+        "jsonl",
+        "--batch-size",
+        "3",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    one = subprocess.run(
+        [sys.executable, "-m", "llmkit", *common], capture_output=True, text=True, env=env, timeout=120
+    )
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29544",
+            "-m",
+            "llmkit",
+            *common,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert two.returncode == 0, two.stderr
+
+    def essence(text: str) -> list[tuple]:
+        return [(r["id"], r["completion"]) for r in map(json.loads, text.splitlines())]
+
+    assert essence(two.stdout) == essence(one.stdout)
+    assert len(essence(two.stdout)) == 23

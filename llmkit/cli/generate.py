@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -164,10 +164,13 @@ def generate(
     options["stop"] = [_unescape(s) for s in stop or []]
     # Every decoding option is named after its GenerateConfig field; the config validates them all.
     cfg = GenerateConfig(**{f.name: options[f.name] for f in fields(GenerateConfig)})
-    load_cfg = load_config(model, device, dtype, offline, allow_pickle)
+    shard = _shard(device) if input_file is not None else None
+    if shard is not None and shard.rank != 0:
+        out.settings.quiet = True  # one voice: the main process talks and writes
+    load_cfg = load_config(model, _rank_device(device), dtype, offline, allow_pickle)
     sep = _unescape(separator)
     single = None if input_file is not None else text_argument(prompt, "prompt")
-    sink = _Sink(resume_output, cfg.num_samples)
+    sink = _Sink(resume_output, cfg.num_samples, shard)
     prompts = None
     if input_file is not None:
         # Look at the first prompt before loading the model: an empty or broken file fails fast.
@@ -219,7 +222,7 @@ def generate(
                 out.say(f"skipping {len(sink.done):,} prompt(s) already in {resume_output}")
                 total = None if total is None else max(0, total - len(sink.done))
             with out.progress("generating", total, unit="prompts") as bar:
-                for samples in gen.run(prompts):
+                for samples in gen.run(prompts, shard):
                     emit(samples)
                     prompts_done += 1
                     out.advance(bar)
@@ -231,10 +234,18 @@ def generate(
 class _Sink:
     """Where samples go: stdout, or the JSONL file of --resume-output (appended to)."""
 
-    def __init__(self, resume_output: str | None, samples_per_id: int) -> None:
+    def __init__(self, resume_output: str | None, samples_per_id: int, shard: Any = None) -> None:
         self.file = None
+        self.shard_rank = shard.rank if shard is not None else 0
         self.done: set[str] = set()
-        if resume_output is not None:
+        if resume_output is not None and shard is not None and shard.rank != 0:
+            from pathlib import Path
+
+            from llmkit.resumable import completed, id_key
+
+            shard.barrier()  # the main process repairs the file first; the others only read it
+            self.key, self.done = id_key, completed(Path(resume_output), samples_per_id)
+        elif resume_output is not None:
             from pathlib import Path
 
             from llmkit.errors import OutputError
@@ -246,8 +257,12 @@ class _Sink:
                 self.file = open(resume_output, "a", encoding="utf-8")  # noqa: SIM115
             except OSError as exc:
                 raise OutputError(f"cannot write {resume_output}: {exc.strerror or exc}") from None
+            if shard is not None:
+                shard.barrier()
 
     def write(self, text: str) -> None:
+        if self.shard_rank:
+            return
         if self.file is None:
             out.write(text, flush=True)
         else:
@@ -273,3 +288,41 @@ def _summary(gen, prompts: int, started: float) -> None:
         style="dim",
         markup=False,
     )
+
+
+def _shard(device: str):
+    """Under torchrun / accelerate launch: this process's share of the prompts, and the gather."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    from llmkit.generation import Shard
+
+    state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
+
+    def gather(done: dict) -> dict | None:
+        parts = [None] * state.num_processes if state.is_main_process else None
+        dist.gather_object(done, parts, dst=0)
+        if parts is None:
+            return None
+        return {index: samples for part in parts for index, samples in part.items()}
+
+    return Shard(state.process_index, state.num_processes, gather, state.wait_for_everyone)
+
+
+def _rank_device(device: str) -> str:
+    """Each process of a multi-GPU run takes its own GPU."""
+    import os
+
+    local = os.environ.get("LOCAL_RANK")
+    if device == "auto" and local is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"cuda:{int(local) % torch.cuda.device_count()}"
+        return "cpu"
+    return device
