@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo clean
+.PHONY: install test lint bench demo clean
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# Benchmarks (not tests): each prints a table of ratios against its baseline and writes bench/results/.
+bench: install
+	$(BIN)/python -m bench
 
 # Streams verse from the built-in model: no network, no download.
 demo: install

@@ -1,0 +1,1 @@
+"""Benchmarks: each script compares llmkit with the baseline a user would otherwise run, in one process."""
