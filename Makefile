@@ -25,6 +25,7 @@ lint: install
 
 # Benchmarks (not tests): each prints a table of ratios against its baseline and writes bench/results/.
 bench: install
+	$(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python -m bench
 
 # Streams verse from the built-in model: no network, no download.
