@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from bench import many_prompts, startup, tokenization
+from bench import many_prompts, one_prompt, startup, tokenization
 
-for module in (startup, many_prompts, tokenization):
+for module in (startup, one_prompt, many_prompts, tokenization):
     print(f"== {module.__name__}")
     module.main()
