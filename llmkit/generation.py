@@ -98,7 +98,13 @@ def held_back(text: str, stops: Iterable[str]) -> int:
 class Generator:
     """Runs a GenerateConfig against a loaded model; holds no output state between calls."""
 
-    def __init__(self, lm: LoadedModel, cfg: GenerateConfig, warn: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        lm: LoadedModel,
+        cfg: GenerateConfig,
+        warn: Callable[[str], None] | None = None,
+        time_first_token: bool = False,
+    ):
         self.lm = lm
         self.cfg = cfg
         self.warn = warn or (lambda _msg: None)
@@ -117,6 +123,8 @@ class Generator:
         self._check_lengths()
         self.tokens_generated = 0
         self.first_token_at: float | None = None
+        # Timing hooks into generate's streamer, which copies every token to the host: only on request.
+        self.time_first_token = time_first_token
 
     # -- budgets -----------------------------------------------------------------------------------
     def _check_lengths(self) -> None:
@@ -234,7 +242,7 @@ class Generator:
         input_ids = torch.tensor([[pad] * (width - len(e.ids)) + e.ids for e in batch])
         mask = torch.tensor([[0] * (width - len(e.ids)) + [1] * len(e.ids) for e in batch])
         max_new = max(e.budget for e in batch)
-        if streamer is None:
+        if streamer is None and self.time_first_token:
             streamer = _FirstToken(self)
         started = time.perf_counter()
         with torch.inference_mode():

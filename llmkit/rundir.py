@@ -21,8 +21,6 @@ METADATA = "llmkit.json"
 METRICS = "metrics.jsonl"
 CARD = "README.md"
 CHECKPOINTS = "checkpoints"
-# What a run of ours leaves in OUT; anything else means the directory belongs to someone else.
-OURS = {METADATA, METRICS, CARD, CHECKPOINTS, "runs", "loss.png"}
 MODEL_FILES = (
     "config.json",
     "generation_config.json",

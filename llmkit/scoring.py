@@ -153,18 +153,18 @@ def perplexity(
 
 def per_line(lm: LoadedModel, lines: Iterable[str], cfg: PerplexityConfig) -> Iterator[tuple[str, Score]]:
     """Each line scored as its own text (no BOS; its first token unscored), batched with padding."""
-    context, _ = resolve_window(lm, cfg)
+    context, stride = resolve_window(lm, cfg)
     batch: list[str] = []
     for line in lines:
         batch.append(line)
         if len(batch) >= cfg.batch_size:
-            yield from _score_lines(lm, batch, context)
+            yield from _score_lines(lm, batch, context, stride)
             batch = []
     if batch:
-        yield from _score_lines(lm, batch, context)
+        yield from _score_lines(lm, batch, context, stride)
 
 
-def _score_lines(lm: LoadedModel, lines: list[str], context: int) -> Iterator[tuple[str, Score]]:
+def _score_lines(lm: LoadedModel, lines: list[str], context: int, stride: int) -> Iterator[tuple[str, Score]]:
     import torch
 
     encoded = lm.tokenizer(lines, add_special_tokens=False)["input_ids"]
@@ -175,7 +175,7 @@ def _score_lines(lm: LoadedModel, lines: list[str], context: int) -> Iterator[tu
             scores[i] = Score(0.0, 0, len(line.encode("utf-8")))
         elif len(ids) > context:
             # Too long for one window: score it with the sliding-window definition.
-            nll, n = score_ids(lm, torch.tensor(ids), context, max(1, context // 2), 1)
+            nll, n = score_ids(lm, torch.tensor(ids), context, stride, 1)
             scores[i] = Score(nll, n, len(line.encode("utf-8")))
         else:
             short.append(i)

@@ -143,3 +143,16 @@ def test_errors(cli, tiny_model: Path, tmp_path: Path) -> None:
     assert cli("perplexity", "-m", tiny_model, short, "--context", "8", "--stride", "9").exit_code == 2
     assert cli("perplexity", "-m", tiny_model, short, "--context", "8", "--stride", "8").exit_code == 2
     assert cli("perplexity", "-m", tiny_model, tmp_path).exit_code == 1
+
+
+def test_per_line_scores_a_long_line_with_the_given_window(cli, tiny_model: Path, tmp_path: Path) -> None:
+    line = " ".join(sentences(40, seed=5))  # far longer than the 128-token context
+    path = tmp_path / "long.txt"
+    path.write_text(line + "\n")
+    args = ["-m", tiny_model, "--context", "64", "--stride", "16"]
+    row = json.loads(cli("perplexity", path, "--per-line", *args).stdout)
+    whole = tmp_path / "whole.txt"
+    whole.write_text(line)
+    ref = json.loads(cli("perplexity", whole, "-f", "json", *args).stdout)
+    assert row["tokens"] == ref["tokens"] > 64
+    assert row["nll"] == pytest.approx(ref["nll"], rel=1e-5)

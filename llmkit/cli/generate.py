@@ -188,7 +188,8 @@ def generate(
     from llmkit.cli._loading import load_model
     from llmkit.generation import Generator, Prompt
 
-    gen = Generator(load_model(load_cfg), cfg, warn=out.warn)
+    summary = not out.settings.quiet and (out.settings.verbose or out.stderr_is_terminal())
+    gen = Generator(load_model(load_cfg), cfg, warn=out.warn, time_first_token=summary)
     out.detail(f"seed {gen.seed}")
     started = time.perf_counter()
 
@@ -228,7 +229,8 @@ def generate(
                     out.advance(bar)
     finally:
         sink.close()
-    _summary(gen, prompts_done, started)
+    if summary:
+        _summary(gen, prompts_done, started)
 
 
 class _Sink:
@@ -275,8 +277,6 @@ class _Sink:
 
 
 def _summary(gen, prompts: int, started: float) -> None:
-    if out.settings.quiet or not (out.settings.verbose or out.stderr_is_terminal()):
-        return
     seconds = time.perf_counter() - started
     rate = gen.tokens_generated / seconds if seconds > 0 else 0.0
     first = ""
