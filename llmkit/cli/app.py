@@ -25,7 +25,9 @@ class LlmkitGroup(TyperGroup):
 
     def invoke(self, ctx: typer.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            _close_process_group()
+            return result
         except LlmkitError as exc:
             if out.debug_enabled():
                 raise
@@ -58,6 +60,18 @@ class LlmkitGroup(TyperGroup):
                     )
                 )
             raise typer.Exit(1) from None
+
+
+def _close_process_group() -> None:
+    """Under torchrun, take the process group down while Python is still whole.
+
+    Left to interpreter teardown, gloo's worker threads can abort the process ("terminate called
+    without an active exception"), turning a finished run into a failed one. Only after success: a
+    rank that failed can't count on the others joining a collective shutdown.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _silence_stdout() -> None:
