@@ -85,6 +85,8 @@ class GenerateConfig:
     """What to do with a prompt that leaves no room in the context: keep its end, or fail."""
     batch_size: int | None = None
     """Prompts per forward pass; None chooses by device."""
+    compile: bool = False
+    """Static KV cache and torch.compile'd decoding: a slow first call, faster tokens after it."""
 
     def __post_init__(self) -> None:
         if self.max_length is None:
