@@ -33,8 +33,8 @@ def main() -> None:
     )
     gen = Generator(lm, cfg)
     compiled = Generator(lm, GenerateConfig(**{**cfg.__dict__, "compile": True}))
-    lm16 = load(LoadConfig(model=str(gpt2_small()), dtype="bfloat16"))
-    gen16 = Generator(lm16, cfg)
+    gen16 = Generator(load(LoadConfig(model=str(gpt2_small()), dtype="bfloat16")), cfg)
+    gen8 = Generator(load(LoadConfig(model=str(gpt2_small()), quantize="int8")), cfg)
 
     def plain() -> str:
         torch.manual_seed(1)
@@ -59,6 +59,7 @@ def main() -> None:
         "llmkit": ours,
         "llmkit --compile": lambda: ours(compiled),
         "llmkit --dtype bfloat16": lambda: ours(gen16),
+        "llmkit --quantize int8": lambda: ours(gen8),
     }
     start = time.perf_counter()
     for fn in contenders.values():
@@ -101,7 +102,15 @@ def main() -> None:
     print(
         f"llmkit / plain speed: {ratio:.3f} (target >= 0.98); "
         f"same text: {texts['plain'] == texts['llmkit']}; "
-        f"--compile: {ratios['llmkit --compile']:.2f}x (target >= 1.5)"
+        f"--compile: {ratios['llmkit --compile']:.2f}x; --quantize int8: "
+        f"{ratios['llmkit --quantize int8']:.2f}x (target >= 1.5)"
+    )
+    quality = perplexity_change()
+    print(
+        table(
+            [("tiny-shakespeare, held-out text", "perplexity", "change")]
+            + [(k, f"{v:.3f}", f"{v / quality['float32'] - 1:+.2%}") for k, v in quality.items()]
+        )
     )
     save(
         "one_prompt",
@@ -116,8 +125,31 @@ def main() -> None:
             "weight_bytes_per_token": weight_bytes,
             "bound_tokens_per_s": bound,
             "warmup_s": warmup,
+            "perplexity_builtin_heldout": quality,
         },
     )
+
+
+def perplexity_change() -> dict[str, float]:
+    """What the faster weights cost: the built-in (trained) model's perplexity on held-out text."""
+    from bench.finetune import split_corpus
+    from llmkit.config import LoadConfig, PerplexityConfig
+    from llmkit.models import load
+    from llmkit.scoring import perplexity
+
+    _, heldout = split_corpus()
+    text = heldout.read_text(encoding="utf-8")
+    result = {}
+    # One piece: the whole held-out text, tokenized at once.
+    for name, load_cfg in (
+        ("float32", LoadConfig(model="tiny-shakespeare", dtype="float32")),
+        ("bfloat16", LoadConfig(model="tiny-shakespeare", dtype="bfloat16")),
+        ("int8", LoadConfig(model="tiny-shakespeare", quantize="int8")),
+    ):
+        lm = load(load_cfg)
+        ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+        result[name] = perplexity(lm, [(ids, text)], PerplexityConfig()).perplexity
+    return result
 
 
 def read_bandwidth() -> float:

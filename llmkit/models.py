@@ -251,8 +251,8 @@ def load(cfg: LoadConfig) -> LoadedModel:
     """Resolve, check and load a model and its tokenizer onto the chosen device."""
     from transformers import AutoModelForCausalLM
 
-    device = pick_device(cfg.device)
-    dtype = pick_dtype(cfg.dtype, device)
+    device = pick_device("cpu" if cfg.quantize else cfg.device)
+    dtype = pick_dtype("float32" if cfg.quantize else cfg.dtype, device)
     source = resolve(cfg.model, offline=cfg.offline, allow_pickle=cfg.allow_pickle)
     tokenizer = load_tokenizer(source.path, cfg.model)
     try:
@@ -270,4 +270,8 @@ def load(cfg: LoadConfig) -> LoadedModel:
         ) from None
     model.to(device)
     model.eval()
+    if cfg.quantize == "int8":
+        from llmkit.quantize import int8_dynamic
+
+        model = int8_dynamic(model)
     return LoadedModel(model, tokenizer, device, dtype, source)

@@ -16,6 +16,7 @@ from llmkit.cli._options import (
     DtypeOpt,
     ModelOpt,
     OfflineOpt,
+    QuantizeOpt,
     check_format,
     load_config,
 )
@@ -151,6 +152,7 @@ def generate(
     ] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = None,
     offline: OfflineOpt = False,
     allow_pickle: AllowPickleOpt = False,
 ) -> None:
@@ -175,7 +177,7 @@ def generate(
     shard = _shard(device) if input_file is not None else None
     if shard is not None and shard.rank != 0:
         out.settings.quiet = True  # one voice: the main process talks and writes
-    load_cfg = load_config(model, _rank_device(device), dtype, offline, allow_pickle)
+    load_cfg = load_config(model, _rank_device(device), dtype, offline, allow_pickle, quantize)
     sep = _unescape(separator)
     single = None if input_file is not None else text_argument(prompt, "prompt")
     sink = _Sink(resume_output, cfg.num_samples, shard)

@@ -14,6 +14,7 @@ from llmkit.cli._options import (
     FormatOpt,
     ModelOpt,
     OfflineOpt,
+    QuantizeOpt,
     check_format,
 )
 
@@ -54,6 +55,7 @@ def perplexity(
     fmt: FormatOpt = "text",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = None,
     offline: OfflineOpt = False,
     allow_pickle: AllowPickleOpt = False,
 ) -> None:
@@ -70,7 +72,7 @@ def perplexity(
             raise UsageError("no files given", "pass text files, or pipe text in with -")
         files = ["-"]
     cfg = PerplexityConfig(context=context, stride=stride, batch_size=batch_size)
-    load_cfg = load_config(model, device, dtype, offline, allow_pickle)
+    load_cfg = load_config(model, device, dtype, offline, allow_pickle, quantize)
     streams = [(path, open_text(path)) for path in files]  # fail on a bad path before loading the model
     lm = load_model(load_cfg)
     from llmkit.scoring import resolve_window
