@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint bench demo clean
+.PHONY: install test lint bench bench-gpu demo clean
 
 install: $(STAMP)
 
@@ -27,6 +27,11 @@ lint: install
 bench: install
 	$(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python -m bench
+
+# The GPU checks alone (fine-tuning MFU, batch-1 decoding), for a CUDA machine.
+bench-gpu: install
+	$(BIN)/pip install --quiet -e ".[bench]"
+	$(BIN)/python -m bench.gpu
 
 # Streams verse from the built-in model: no network, no download.
 demo: install

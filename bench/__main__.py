@@ -1,9 +1,12 @@
-"""`make bench`: run every benchmark; each prints its table and writes bench/results/NAME.json."""
+"""`make bench`: run every benchmark; each prints its table and writes bench/results/NAME.json.
+
+`gpu` runs only where CUDA is available (it says so and skips elsewhere).
+"""
 
 from __future__ import annotations
 
-from bench import many_prompts, one_prompt, startup, tokenization
+from bench import finetune, gpu, many_prompts, one_prompt, startup, tokenization
 
-for module in (startup, one_prompt, many_prompts, tokenization):
+for module in (startup, one_prompt, many_prompts, tokenization, finetune, gpu):
     print(f"== {module.__name__}")
     module.main()

@@ -81,8 +81,7 @@ def gpt2_small(path: Path = BUILD / "gpt2-small-shape") -> Path:
 
     from llmkit.bpe import train_bpe
 
-    text = CORPUS.read_text(encoding="utf-8")
-    tokenizer = train_bpe([text], vocab_size=8192)
+    tokenizer = train_bpe([corpus_text()], vocab_size=8192)
     tokenizer.add_tokens([f"<unused{i}>" for i in range(50257 - len(tokenizer))])
     assert len(tokenizer) == 50257
     torch.manual_seed(0)
@@ -92,6 +91,33 @@ def gpt2_small(path: Path = BUILD / "gpt2-small-shape") -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def corpus_text() -> str:
+    """The shared corpus, or (on a machine without ../shared, such as a lent GPU box) stand-in text."""
+    if CORPUS.is_file():
+        return CORPUS.read_text(encoding="utf-8")
+    import random
+
+    rng = random.Random(0)
+    words = [
+        "the",
+        "king",
+        "and",
+        "queen",
+        "of",
+        "a",
+        "quiet",
+        "river",
+        "sing",
+        "to",
+        "her",
+        "brother",
+        "by",
+        "green",
+        "hill",
+    ]
+    return "\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(100_000))
 
 
 def python() -> str:
