@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,12 @@ import pytest
 from typer.testing import CliRunner
 
 from llmkit.testing import build_tiny_model
+
+# A suite started in the background by a non-interactive shell (`make test &`, some CI runners) has
+# SIGINT ignored, and children inherit that: the Ctrl-C tests would then test nothing but `nohup`.
+# With a handler here, every child starts with the default disposition, as from a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
