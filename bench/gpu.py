@@ -6,9 +6,10 @@ on the CPU at toy sizes (a check of the script, not a measurement) and writes no
 Writes bench/results/gpu.json.
 
 1. Fine-tuning: llmkit's own training loop (bf16 autocast, fused AdamW, SDPA attention — llmkit's
-   defaults on a bf16 GPU) on GPT-2 small's shape, block 1024. MFU = achieved model FLOPs / the
-   GPU's peak dense bf16 FLOPs, with the PaLM count of 6N + 12·L·d·T FLOPs per token. Next to it, a
-   bare loop over the same model with `torch.compile`, as the ceiling the training loop could reach.
+   defaults on a bf16 GPU), and the same with `--compile`, on GPT-2 small's shape, block 1024.
+   MFU = achieved model FLOPs / the GPU's peak dense bf16 FLOPs, with the PaLM count of
+   6N + 12·L·d·T FLOPs per token. Next to it, a bare loop over the same model with `torch.compile`,
+   as the ceiling the training loop could reach.
 2. Decoding one prompt: plain `model.generate` (bf16) vs llmkit's path vs llmkit `--compile` (static
    KV cache + CUDA graphs via transformers' compiled decoding step).
 """
@@ -48,7 +49,9 @@ def flops_per_token(model: Any, block: int) -> float:
     return 6 * params + 12 * cfg.n_layer * cfg.n_embd * block
 
 
-def llmkit_training(model_dir: Path, text: Path, z: dict[str, int], device: str) -> list[float]:
+def llmkit_training(
+    model_dir: Path, text: Path, z: dict[str, int], device: str, compile: bool = False
+) -> list[float]:
     """Tokens/s of each logging interval after the first (start-up and the first steps excluded)."""
     from llmkit.config import TrainConfig
     from llmkit.training import Metrics, Trainer
@@ -65,6 +68,7 @@ def llmkit_training(model_dir: Path, text: Path, z: dict[str, int], device: str)
         val_split=0.0,
         log_every=z["log_every"],
         device=device,
+        compile=compile,
         save_every=0,
         cache_dir=str(BUILD / "gpu-cache"),
     )
@@ -165,8 +169,11 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     fpt = flops_per_token(AutoModelForCausalLM.from_pretrained(model_dir), z["block"])
-    rates = llmkit_training(model_dir, training_text(BUILD / "gpu-data"), z, device)
+    text = training_text(BUILD / "gpu-data")
+    rates = llmkit_training(model_dir, text, z, device)
     train_rate = statistics.median(rates)
+    compiled_rates = llmkit_training(model_dir, text, z, device, compile=True)
+    compiled_rate = statistics.median(compiled_rates)
     ceiling = compiled_ceiling(model_dir, z, device)
 
     def mfu(rate: float) -> str:
@@ -180,6 +187,7 @@ def main() -> None:
             [
                 (f"training (batch {z['batch']} x {z['block']}, bf16)", "tokens/s", "MFU"),
                 ("llmkit finetune", f"{train_rate:,.0f}", mfu(train_rate)),
+                ("llmkit finetune --compile", f"{compiled_rate:,.0f}", mfu(compiled_rate)),
                 ("bare compiled loop", f"{ceiling:,.0f}", mfu(ceiling)),
             ]
         )
@@ -202,6 +210,8 @@ def main() -> None:
             "flops_per_token": fpt,
             "train_tokens_per_s": rates,
             "train_mfu": train_rate * fpt / peak if peak else None,
+            "train_compiled_tokens_per_s": compiled_rates,
+            "train_compiled_mfu": compiled_rate * fpt / peak if peak else None,
             "compiled_ceiling_tokens_per_s": ceiling,
             "compiled_ceiling_mfu": ceiling * fpt / peak if peak else None,
             "decode_tokens_per_s": decode,

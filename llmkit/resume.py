@@ -23,6 +23,7 @@ SAFE = {
     "device",
     "max_bad_steps",
     "gradient_checkpointing",
+    "compile",
     "offline",
     "allow_pickle",
     "overwrite",

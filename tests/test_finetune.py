@@ -353,3 +353,25 @@ def test_plot(cli, trained, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.stderr
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert cli("plot", tmp_path).exit_code == 1
+
+
+def test_compiled_blocks_train_like_eager_and_keep_parameter_names(
+    cli, corpus: Path, tiny_model_nodrop: Path, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+    from torch._dynamo.utils import counters
+
+    common = ["--max-steps", "4", "--log-every", "1", "--lr", "1e-3", "--val-split", "0", "--save-every", "2"]
+    train(cli, tiny_model_nodrop, corpus, tmp_path / "eager", *common)
+    counters.clear()
+    train(cli, tiny_model_nodrop, corpus, tmp_path / "compiled", *common, "--compile")
+    assert counters["stats"]["unique_graphs"] >= 1  # the blocks really were compiled
+    eager, compiled = metrics(tmp_path / "eager"), metrics(tmp_path / "compiled")
+    assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=1e-3)
+    a, b = (load_file(tmp_path / run / "model.safetensors") for run in ("eager", "compiled"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-4)
+    # Checkpoints keep the plain parameter names, so a run resumes with or without --compile.
+    [state] = (tmp_path / "compiled").glob("checkpoints/step-2/model*.safetensors")
+    assert not any("_orig_mod" in key for key in load_file(state))

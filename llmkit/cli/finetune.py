@@ -119,6 +119,14 @@ def finetune(
     gradient_checkpointing: Annotated[
         bool, typer.Option("--gradient-checkpointing", help="Trade compute for memory.")
     ] = False,
+    compile: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="torch.compile each transformer block: about a minute of compiling first, then faster "
+            "steps where the model is small or the device is a GPU.",
+        ),
+    ] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed for initialisation, data order and dropout.")] = 0,
     eval_every: Annotated[
         int,
