@@ -214,7 +214,7 @@ class TrainConfig:
     """auto: bf16 on GPUs that support it, else fp32 (no)."""
     gradient_checkpointing: bool = False
     compile: bool = False
-    """torch.compile the model's repeated blocks (regional): a slower start, faster steps."""
+    """torch.compile the model (in place): a slower start, faster steps on GPUs."""
     seed: int = 0
     eval_every: int = 0
     """Validation every N steps (and always at the end); 0: only at the end."""

@@ -185,21 +185,15 @@ def _build_model(cfg: TrainConfig) -> tuple[Any, Any]:
     return AutoModelForCausalLM.from_config(config), tokenizer
 
 
-def _compile_blocks(model: Any) -> None:
-    """torch.compile each repeated transformer block, in place.
+def _compile_in_place(model: Any) -> None:
+    """torch.compile the whole model, in place.
 
-    One block's graph is compiled once and reused by all of them (a fraction of a whole-model
-    compile), and compiling in place keeps the module tree, so parameter names in checkpoints and in
-    the saved model are the same as without --compile (accelerate's wrappers would prefix them).
+    In place keeps the module tree, so parameter names in checkpoints and in the saved model are
+    the same as without --compile (a wrapper would prefix them) and a run resumes either way.
+    Not block by block: each block reads its own layer index, so dynamo would compile one graph per
+    block and, past its recompile limit (8), silently leave the rest eager.
     """
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
-    if not blocks:
-        raise UsageError(
-            f"--compile: {type(model).__name__} names no repeated block to compile", "drop --compile"
-        )
-    for block in blocks:
-        block.compile()
+    model.compile()
 
 
 def _optimizer(model: Any, cfg: TrainConfig, device_type: str) -> torch.optim.Optimizer:
@@ -328,7 +322,7 @@ class Trainer:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
         if cfg.compile:
-            _compile_blocks(model)
+            _compile_in_place(model)
         optimizer = _optimizer(model, cfg, acc.device.type)
         from transformers import get_scheduler
 

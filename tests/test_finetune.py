@@ -355,7 +355,7 @@ def test_plot(cli, trained, tmp_path: Path) -> None:
     assert cli("plot", tmp_path).exit_code == 1
 
 
-def test_compiled_blocks_train_like_eager_and_keep_parameter_names(
+def test_compiled_model_trains_like_eager_and_keeps_parameter_names(
     cli, corpus: Path, tiny_model_nodrop: Path, tmp_path: Path
 ) -> None:
     from safetensors.torch import load_file
@@ -365,7 +365,7 @@ def test_compiled_blocks_train_like_eager_and_keep_parameter_names(
     train(cli, tiny_model_nodrop, corpus, tmp_path / "eager", *common)
     counters.clear()
     train(cli, tiny_model_nodrop, corpus, tmp_path / "compiled", *common, "--compile")
-    assert counters["stats"]["unique_graphs"] >= 1  # the blocks really were compiled
+    assert counters["stats"]["unique_graphs"] >= 1  # the model really was compiled
     eager, compiled = metrics(tmp_path / "eager"), metrics(tmp_path / "compiled")
     assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=1e-3)
     a, b = (load_file(tmp_path / run / "model.safetensors") for run in ("eager", "compiled"))

@@ -123,8 +123,8 @@ def finetune(
         bool,
         typer.Option(
             "--compile",
-            help="torch.compile each transformer block: about a minute of compiling first, then faster "
-            "steps where the model is small or the device is a GPU.",
+            help="torch.compile the model: a minute or two of compiling first, then faster steps "
+            "(mostly on GPUs).",
         ),
     ] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed for initialisation, data order and dropout.")] = 0,
