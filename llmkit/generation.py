@@ -201,7 +201,7 @@ class Generator:
         if self.lm.device.type == "cuda":
             return CompileConfig()  # reduce-overhead: CUDA graphs
         config = CompileConfig(mode="default")
-        # transformers compiles only on accelerators unless told; on CPU it measured 1.5x faster tokens.
+        # transformers compiles only on accelerators unless told; on a 2-core CPU: 1.14x faster tokens.
         config._compile_all_devices = True
         return config
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from llmkit.errors import UsageError
+from llmkit.errors import LlmkitError, UsageError
 
 
 def _conv1d_to_linear(model: Any) -> int:
@@ -38,7 +38,7 @@ def int8_dynamic(model: Any) -> Any:
 
     quantize_dynamic = getattr(getattr(torch.ao, "quantization", None), "quantize_dynamic", None)
     if quantize_dynamic is None or "fbgemm" not in torch.backends.quantized.supported_engines:
-        raise UsageError(
+        raise LlmkitError(
             f"--quantize int8 needs torch's dynamic quantization with fbgemm, which torch "
             f"{torch.__version__} lacks",
             "drop --quantize, or install a torch build that has it (x86 CPU builds up to 2.13 do)",

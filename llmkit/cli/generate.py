@@ -122,7 +122,7 @@ def generate(
         bool,
         typer.Option(
             "--compile",
-            help="Static KV cache + torch.compile'd decoding: about a minute of compiling first, then "
+            help="Static KV cache + torch.compile'd decoding: up to a minute of compiling first, then "
             "faster tokens (worth it for long or many generations).",
         ),
     ] = False,
