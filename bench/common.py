@@ -16,6 +16,25 @@ from typing import Any
 RESULTS = Path(__file__).parent / "results"
 BUILD = Path(__file__).resolve().parent.parent / "build" / "bench"
 CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "tinyshakespeare.txt"
+# Words for made-up prompts and stand-in text ("the" twice: it is that common).
+WORDS = [
+    "the",
+    "king",
+    "and",
+    "queen",
+    "of",
+    "a",
+    "quiet",
+    "river",
+    "sing",
+    "to",
+    "her",
+    "brother",
+    "by",
+    "the",
+    "green",
+    "hill",
+]
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> list[float]:
@@ -100,24 +119,7 @@ def corpus_text() -> str:
     import random
 
     rng = random.Random(0)
-    words = [
-        "the",
-        "king",
-        "and",
-        "queen",
-        "of",
-        "a",
-        "quiet",
-        "river",
-        "sing",
-        "to",
-        "her",
-        "brother",
-        "by",
-        "green",
-        "hill",
-    ]
-    return "\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(100_000))
+    return "\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(100_000))
 
 
 def python() -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random
 
-from bench.common import gpt2_small, save, summary, table, timed
+from bench.common import WORDS, gpt2_small, save, summary, table, timed
 
 PROMPTS = 64
 NEW_TOKENS = 16
@@ -24,26 +24,8 @@ def main() -> None:
     torch.manual_seed(0)
     lm = load(LoadConfig(model=str(gpt2_small())))
     rng = random.Random(0)
-    words = [
-        "the",
-        "king",
-        "and",
-        "queen",
-        "of",
-        "a",
-        "quiet",
-        "river",
-        "sing",
-        "to",
-        "her",
-        "brother",
-        "by",
-        "the",
-        "green",
-        "hill",
-    ]
     prompts = [
-        Prompt(i, " ".join(rng.choice(words) for _ in range(rng.randint(2, 60)))) for i in range(PROMPTS)
+        Prompt(i, " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 60)))) for i in range(PROMPTS)
     ]
     cfg = GenerateConfig(greedy=True, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
     outputs: dict[str, list[str]] = {}
