@@ -19,6 +19,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +121,7 @@ def decoding(model_dir: Path, z: dict[str, int], device: str) -> dict[str, float
     tok, model = lm.tokenizer, lm.model
     prompt = "the king and queen of a quiet river sing to her brother by the green hill " * 4
     cfg = GenerateConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, seed=1)
-    ours, compiled = Generator(lm, cfg), Generator(lm, GenerateConfig(**{**cfg.__dict__, "compile": True}))
+    ours, compiled = Generator(lm, cfg), Generator(lm, replace(cfg, compile=True))
 
     def plain() -> None:
         ids = tok(prompt, return_tensors="pt").to(device)

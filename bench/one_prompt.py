@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import replace
 
 from bench.common import gpt2_small, save, table, timed
 
@@ -32,7 +33,7 @@ def main() -> None:
         max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, seed=1, top_k=50, temperature=1.0
     )
     gen = Generator(lm, cfg)
-    compiled = Generator(lm, GenerateConfig(**{**cfg.__dict__, "compile": True}))
+    compiled = Generator(lm, replace(cfg, compile=True))
     gen16 = Generator(load(LoadConfig(model=str(gpt2_small()), dtype="bfloat16")), cfg)
     gen8 = Generator(load(LoadConfig(model=str(gpt2_small()), quantize="int8")), cfg)
 

@@ -11,14 +11,13 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from llmkit.errors import LlmkitError, UsageError
+from llmkit.errors import LlmkitError
 
 
-def _conv1d_to_linear(model: Any) -> int:
+def _conv1d_to_linear(model: Any) -> None:
     from torch import nn
     from transformers.pytorch_utils import Conv1D
 
-    swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, Conv1D):
@@ -27,12 +26,10 @@ def _conv1d_to_linear(model: Any) -> int:
                 linear.weight = nn.Parameter(child.weight.detach().t().contiguous(), requires_grad=False)
                 linear.bias = nn.Parameter(child.bias.detach(), requires_grad=False)
                 setattr(parent, name, linear)
-                swapped += 1
-    return swapped
 
 
 def int8_dynamic(model: Any) -> Any:
-    """The model with every Linear layer (the LM head included) in int8; embeddings stay float32."""
+    """The float32 model with every Linear layer (the LM head included) in int8; embeddings stay."""
     import torch
     from torch import nn
 
@@ -43,8 +40,6 @@ def int8_dynamic(model: Any) -> Any:
             f"{torch.__version__} lacks",
             "drop --quantize, or install a torch build that has it (x86 CPU builds up to 2.13 do)",
         )
-    if next(model.parameters()).dtype != torch.float32:
-        raise UsageError("--quantize int8 starts from float32 weights", "use --dtype float32 or auto")
     _conv1d_to_linear(model)
     torch.backends.quantized.engine = "fbgemm"
     with warnings.catch_warnings():

@@ -185,17 +185,6 @@ def _build_model(cfg: TrainConfig) -> tuple[Any, Any]:
     return AutoModelForCausalLM.from_config(config), tokenizer
 
 
-def _compile_in_place(model: Any) -> None:
-    """torch.compile the whole model, in place.
-
-    In place keeps the module tree, so parameter names in checkpoints and in the saved model are
-    the same as without --compile (a wrapper would prefix them) and a run resumes either way.
-    Not block by block: each block reads its own layer index, so dynamo would compile one graph per
-    block and, past its recompile limit (8), silently leave the rest eager.
-    """
-    model.compile()
-
-
 def _optimizer(model: Any, cfg: TrainConfig, device_type: str) -> torch.optim.Optimizer:
     import torch
 
@@ -322,7 +311,11 @@ class Trainer:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
         if cfg.compile:
-            _compile_in_place(model)
+            # In place, so parameter names in checkpoints and OUT stay as without --compile (a wrapper
+            # would prefix them) and a run resumes either way. Whole model, not block by block: each
+            # block reads its own layer index, so dynamo would compile one graph per block and, past
+            # its recompile limit (8), silently leave the rest eager.
+            model.compile()
         optimizer = _optimizer(model, cfg, acc.device.type)
         from transformers import get_scheduler
 

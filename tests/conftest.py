@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +77,33 @@ def run_llmkit(
 def tiny_model_nodrop(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model without dropout, so differently split batches give the same gradients."""
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-nodrop", dropout=0.0)
+
+
+def run_torchrun(
+    *args: str, env: dict[str, str] | None = None, nproc: int = 2, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """The CLI under `torchrun` with `nproc` CPU processes, on a free port (a fixed one may be taken)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(nproc),
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(port),
+            "-m",
+            "llmkit",
+            *map(str, args),
+        ],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+    )

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_torchrun
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 PATTERN = "The cat sees the moon. A dog likes the sea.\n"
@@ -209,28 +210,7 @@ def test_two_processes_match_one(corpus: Path, tiny_model_nodrop: Path, tmp_path
         timeout=300,
     )
     assert one.returncode == 0, one.stderr
-    two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            "29533",
-            "-m",
-            "llmkit",
-            *common,
-            "-o",
-            str(tmp_path / "two"),
-            "--batch-size",
-            "4",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    two = run_torchrun(*common, "-o", tmp_path / "two", "--batch-size", "4", env={"OMP_NUM_THREADS": "1"})
     assert two.returncode == 0, two.stderr
     assert two.stdout == f"{tmp_path / 'two'}\n"  # one process printed, once
     assert "× 2" in two.stderr

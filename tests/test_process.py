@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_llmkit
+from conftest import run_llmkit, run_torchrun
 
 HEAVY = ("torch", "transformers", "accelerate")
 
@@ -200,24 +200,7 @@ def test_two_processes_split_prompts_and_write_one_ordered_output(tiny_model: Pa
     one = subprocess.run(
         [sys.executable, "-m", "llmkit", *common], capture_output=True, text=True, env=env, timeout=120
     )
-    two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            "29544",
-            "-m",
-            "llmkit",
-            *common,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    two = run_torchrun(*common)
     assert two.returncode == 0, two.stderr
 
     def essence(text: str) -> list[tuple]:
