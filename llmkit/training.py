@@ -195,12 +195,20 @@ def _optimizer(model: Any, cfg: TrainConfig, device_type: str) -> torch.optim.Op
             (decay if param.dim() >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # Fused on CUDA only. On the CPU it made optimizer steps ~5x faster for GPT-2 small (0.10 s vs
-    # 0.48 s), but with it resumed runs stopped matching uninterrupted ones bit for bit on the CI
-    # machine (not on ours; cause not found), and exact resume matters more than ~5% of a CPU step.
+    # 0.48 s, ~5% of a step), but the one CI run with it had resumed runs differ from uninterrupted
+    # ones (never here; an earlier, rarer case without it points at threading, not at fused).
+    # foreach is the configuration exact resume has always held with on that machine.
     fused = device_type == "cuda"
     return torch.optim.AdamW(
         groups, lr=cfg.peak_lr, betas=(0.9, 0.95 if cfg.from_scratch else 0.999), fused=fused
     )
+
+
+def _cpu_threads(device_type: str) -> int | None:
+    """torch's intra-op threads on the CPU: results depend on them, so checkpoints record them."""
+    import torch
+
+    return torch.get_num_threads() if device_type == "cpu" else None
 
 
 def _warmup(cfg: TrainConfig, total_steps: int) -> int:
@@ -369,6 +377,13 @@ class Trainer:
                 yield Notice(f"resuming from {resume_from} at step {state.step}/{total}")
                 for line in tolerated:
                     yield Notice(f"changed since the checkpoint: {line}")
+                before, now = saved.get("threads"), _cpu_threads(acc.device.type)
+                if before and now and before != now:
+                    yield Notice(
+                        f"the checkpoint was written with {before} CPU threads, this run has {now}: sums "
+                        "split differently, so it won't match an uninterrupted run bit for bit "
+                        f"(OMP_NUM_THREADS={before} would)"
+                    )
         with _signals(self):
             yield from self._loop(metrics, main)
         acc.wait_for_everyone()
@@ -535,6 +550,7 @@ class Trainer:
             "val_loss": state.val_loss,
             "fingerprint": self.data.fingerprint,
             "processes": self.acc.num_processes,
+            "threads": _cpu_threads(self.acc.device.type),
             "config": asdict(cfg),
             "loop": asdict(state),
         }
