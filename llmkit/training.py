@@ -195,7 +195,7 @@ def _optimizer(model: Any, cfg: TrainConfig, device_type: str) -> torch.optim.Op
             (decay if param.dim() >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # Fused on CUDA only. On the CPU it made optimizer steps ~5x faster for GPT-2 small (0.10 s vs
-    # 0.48 s, ~5% of a step), but the one CI run with it had resumed runs differ from uninterrupted
+    # 0.48 s, ~5% of a step), but in the one CI run with it an uninterrupted run differed from resumed
     # ones (never here; an earlier, rarer case without it points at threading, not at fused).
     # foreach is the configuration exact resume has always held with on that machine.
     fused = device_type == "cuda"
