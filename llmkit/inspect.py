@@ -43,6 +43,7 @@ def describe(cfg: LoadConfig) -> dict[str, Any]:
     source = resolve(cfg.model, offline=cfg.offline, allow_pickle=cfg.allow_pickle)
     config = AutoConfig.from_pretrained(source.path, local_files_only=True, trust_remote_code=False)
     device = pick_device(cfg.device)
+    dtype, why = pick_dtype(cfg.dtype, device)
     parameters, stored = weight_stats(source.path)
     size = sum(p.stat().st_size for p in source.path.iterdir() if p.is_file())
     return {
@@ -56,7 +57,8 @@ def describe(cfg: LoadConfig) -> dict[str, Any]:
         "context": context_length(config),
         "vocab_size": config.vocab_size,
         "stored_dtype": stored,
-        "dtype": str(pick_dtype(cfg.dtype, device)).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch."),
+        "dtype_reason": why,
         "size_on_disk": size,
         "source": source.origin,
         "path": str(source.path),

@@ -42,6 +42,8 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     source: ModelSource
+    dtype_reason: str = ""
+    """Why this dtype: asked for, or what `auto` found the device computes natively."""
 
     @property
     def context(self) -> int:
@@ -68,10 +70,12 @@ def resolve(
     offline: bool = False,
     allow_pickle: bool = False,
     weights: bool = True,
+    tokenizer: bool = True,
 ) -> ModelSource:
     """Map --model to a directory on disk: a local directory, a built-in model, or the hub cache.
 
-    `weights=False` is for runs that only need the config and tokenizer (training from scratch).
+    `weights=False` is for runs that only need the config and tokenizer (training from scratch);
+    `tokenizer=False` for those that bring their own tokenizer too.
     """
     path = Path(name).expanduser()
     if path.is_dir():
@@ -85,7 +89,7 @@ def resolve(
         )
     else:
         source = ModelSource(name, _from_hub(name, offline=offline, allow_pickle=allow_pickle), "hub cache")
-    check_model_dir(source.path, allow_pickle=allow_pickle, name=name, weights=weights)
+    check_model_dir(source.path, allow_pickle=allow_pickle, name=name, weights=weights, tokenizer=tokenizer)
     return source
 
 
@@ -131,7 +135,9 @@ def _from_hub(repo_id: str, *, offline: bool, allow_pickle: bool) -> Path:
         raise ModelError(f"could not download {repo_id!r}: {exc}", NO_CACHE_HINT) from None
 
 
-def check_model_dir(path: Path, *, allow_pickle: bool, name: str | None = None, weights: bool = True) -> None:
+def check_model_dir(
+    path: Path, *, allow_pickle: bool, name: str | None = None, weights: bool = True, tokenizer: bool = True
+) -> None:
     """Refuse what we can't or shouldn't load before transformers gets a chance to fail obscurely."""
     label = name or str(path)
     config_path = path / CONFIG_FILE
@@ -158,7 +164,7 @@ def check_model_dir(path: Path, *, allow_pickle: bool, name: str | None = None, 
                 f"{label} has no weights (*.safetensors)",
                 "save the model with save_pretrained, or pass another directory",
             )
-    if not has_tokenizer(path):
+    if tokenizer and not has_tokenizer(path):
         raise ModelError(
             f"{label} has no tokenizer files (tokenizer.json, or vocab.json and merges.txt)",
             "save the tokenizer next to the model with tokenizer.save_pretrained(DIR)",
@@ -206,14 +212,17 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+def pick_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:
+    """(dtype, why): `auto` asks what the device computes natively (see llmkit.hardware)."""
     import torch
 
+    from llmkit.hardware import auto_dtype
+
+    why = "asked for"
     if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+        name, why = auto_dtype(device.type)
+        why = f"auto: {why}"
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name], why
 
 
 def quiet_transformers(verbose: bool = False) -> None:
@@ -252,7 +261,7 @@ def load(cfg: LoadConfig) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
     device = pick_device("cpu" if cfg.quantize else cfg.device)
-    dtype = pick_dtype("float32" if cfg.quantize else cfg.dtype, device)
+    dtype, why = pick_dtype("float32" if cfg.quantize else cfg.dtype, device)
     source = resolve(cfg.model, offline=cfg.offline, allow_pickle=cfg.allow_pickle)
     tokenizer = load_tokenizer(source.path, cfg.model)
     try:
@@ -274,4 +283,4 @@ def load(cfg: LoadConfig) -> LoadedModel:
         from llmkit.quantize import int8_dynamic
 
         model = int8_dynamic(model)
-    return LoadedModel(model, tokenizer, device, dtype, source)
+    return LoadedModel(model, tokenizer, device, dtype, source, why)

@@ -32,6 +32,9 @@ def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
     monkeypatch.delenv("LLMKIT_MODEL", raising=False)
     monkeypatch.delenv("LLMKIT_DEBUG", raising=False)
+    # Defaults follow the CPU's bf16 support, which differs between machines: tests see a CPU without
+    # it unless they ask otherwise (tests/test_precision.py), so every machine runs the same numbers.
+    monkeypatch.setenv("LLMKIT_CPU_BF16", "0")
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,8 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
     lm = load(cfg)
     out.detail(
         f"model {lm.source.name} ({lm.source.origin}: {lm.source.path}) on {lm.device}, "
-        f"{str(lm.dtype).removeprefix('torch.')}{', int8 weights' if cfg.quantize else ''}"
+        f"{str(lm.dtype).removeprefix('torch.')} ({lm.dtype_reason})"
+        f"{', int8 weights' if cfg.quantize else ''}"
     )
     return lm
 

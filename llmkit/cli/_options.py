@@ -19,7 +19,8 @@ DtypeOpt = Annotated[
     str,
     typer.Option(
         "--dtype",
-        help="auto, float32, bfloat16 or float16 (auto: bfloat16 on GPUs that support it, else float32).",
+        help="auto, float32, bfloat16 or float16 (auto: bfloat16 where the device computes it natively — "
+        "GPUs, CPUs with avx512_bf16 or AMX — else float32).",
     ),
 ]
 QuantizeOpt = Annotated[
