@@ -70,18 +70,34 @@ class _Encoded:
     budget: int  # new tokens this prompt may generate
 
 
-def find_stop(tail: str, text: str, stops: Iterable[str]) -> tuple[int, int] | None:
-    """Earliest stop string that ends inside `text` (it may begin in the prompt's `tail`).
+def find_stop(text: str, stops: Iterable[str]) -> tuple[int, int] | None:
+    """Earliest stop string in the generated `text`: (start, end) offsets, or None.
 
-    Returns (start, end) offsets into `text`, clamped at 0, or None.
+    Only generated text counts, as OpenAI, vLLM and llama.cpp define stop sequences: a stop string
+    that would begin in the prompt and end in the completion is not a stop.
     """
-    joined = tail + text
     best: tuple[int, int] | None = None
     for stop in stops:
-        idx = joined.find(stop, max(0, len(tail) - len(stop) + 1))
-        if idx >= 0 and (best is None or idx < best[0] + len(tail)):
-            best = (max(0, idx - len(tail)), idx + len(stop) - len(tail))
+        idx = text.find(stop)
+        if idx >= 0 and (best is None or idx < best[0]):
+            best = (idx, idx + len(stop))
     return best
+
+
+class GeneratedOnly:
+    """A transformers stopping criterion that sees only the tokens after the prompt.
+
+    transformers' `StopStringCriteria` matches the end of the whole sequence, prompt included, so a
+    prompt ending in "\n" stops `--stop "\n\n"` at the first generated "\n". Left padding gives every
+    row the same prompt width, so slicing there leaves exactly the generated tokens.
+    """
+
+    def __init__(self, inner: Any, prompt_width: int) -> None:
+        self.inner = inner
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        return self.inner(input_ids[:, self.prompt_width :], scores, **kwargs)
 
 
 def held_back(text: str, stops: Iterable[str]) -> int:
@@ -119,7 +135,7 @@ class Generator:
         else:
             self.eos_ids = {self.eos_id} if self.eos_id is not None else set()
         self.start_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-        self.stop_tail = max((len(s) for s in cfg.stop), default=1) - 1
+        self._stop_criterion: Any = None
         self._check_lengths()
         self.tokens_generated = 0
         self.first_token_at: float | None = None
@@ -175,7 +191,6 @@ class Generator:
             num_return_sequences=cfg.num_samples,
             repetition_penalty=cfg.repetition_penalty,
             no_repeat_ngram_size=cfg.no_repeat_ngram_size,
-            stop_strings=list(cfg.stop) or None,
             eos_token_id=self.eos_id,
             pad_token_id=self.lm.tokenizer.pad_token_id,
             bos_token_id=self.lm.tokenizer.bos_token_id,
@@ -241,8 +256,7 @@ class Generator:
 
         torch.manual_seed(self.seed)
         enc = self.encode(0, prompt)
-        tail = prompt.text[-self.stop_tail :] if self.stop_tail else ""
-        streamer = _TextStreamer(self, tail, on_text)
+        streamer = _TextStreamer(self, on_text)
         [sample] = self._generate_batch([enc], streamer=streamer)[0]
         return sample
 
@@ -263,7 +277,7 @@ class Generator:
                 input_ids=input_ids.to(self.lm.device),
                 attention_mask=mask.to(self.lm.device),
                 generation_config=self.generation_config(max_new),
-                tokenizer=tok,
+                stopping_criteria=self._stopping_criteria(width),
                 streamer=streamer,
             )
         seconds = round(time.perf_counter() - started, 4)
@@ -276,6 +290,18 @@ class Generator:
             results.append(samples)
         return results
 
+    def _stopping_criteria(self, prompt_width: int) -> Any:
+        from transformers import StoppingCriteriaList
+
+        if not self.cfg.stop:
+            return None
+        if self._stop_criterion is None:
+            # Built once: it precomputes how every vocabulary token can overlap each stop string.
+            from transformers import StopStringCriteria
+
+            self._stop_criterion = StopStringCriteria(self.lm.tokenizer, list(self.cfg.stop))
+        return StoppingCriteriaList([GeneratedOnly(self._stop_criterion, prompt_width)])
+
     def _finish(self, enc: _Encoded, row: list[int], sample: int, seconds: float) -> Sample:
         tokens, reason = row, "length"
         for k, token in enumerate(row):
@@ -285,8 +311,7 @@ class Generator:
         if len(tokens) > enc.budget:
             tokens, reason = tokens[: enc.budget], "length"
         text = self.decode(tokens)
-        tail = enc.prompt.text[-self.stop_tail :] if self.stop_tail else ""
-        hit = find_stop(tail, text, self.cfg.stop)
+        hit = find_stop(text, self.cfg.stop)
         if hit is not None:
             text, reason = text[: hit[1] if self.cfg.keep_stop else hit[0]], "stop"
         self.tokens_generated += len(tokens)
@@ -325,9 +350,8 @@ class _FirstToken:
 class _TextStreamer(_FirstToken):
     """Decodes incrementally; holds back split UTF-8 characters and possible stop-string prefixes."""
 
-    def __init__(self, gen: Generator, tail: str, on_text: Callable[[str], None]) -> None:
+    def __init__(self, gen: Generator, on_text: Callable[[str], None]) -> None:
         super().__init__(gen)
-        self.tail = tail
         self.on_text = on_text
         self.ids: list[int] = []
         self.emitted = 0
@@ -351,7 +375,7 @@ class _TextStreamer(_FirstToken):
         if self.finished:
             return
         text = self.gen.decode(self.ids)
-        hit = find_stop(self.tail, text, self.gen.cfg.stop)
+        hit = find_stop(text, self.gen.cfg.stop)
         if hit is not None:
             text = text[: hit[1] if self.gen.cfg.keep_stop else hit[0]]
             final = True

@@ -352,8 +352,10 @@ def test_stdout_has_only_generated_text(cli, tiny_model: Path) -> None:
 
 
 def test_generation_config_uses_transformers_processors(tiny_model: Path) -> None:
+    from transformers import StopStringCriteria
+
     from llmkit.config import GenerateConfig, LoadConfig
-    from llmkit.generation import Generator
+    from llmkit.generation import GeneratedOnly, Generator
     from llmkit.models import load
 
     gen = Generator(
@@ -362,7 +364,38 @@ def test_generation_config_uses_transformers_processors(tiny_model: Path) -> Non
     )
     config = gen.generation_config(10)
     assert config.do_sample and config.temperature == 0.7 and config.top_p == 0.9 and config.min_p == 0.05
-    assert config.stop_strings == ["\n\n"]
+    [criterion] = gen._stopping_criteria(7)
+    assert isinstance(criterion, GeneratedOnly) and criterion.prompt_width == 7
+    assert isinstance(criterion.inner, StopStringCriteria)  # transformers' own matcher, on generated ids
+
+
+def test_stop_string_spanning_prompt_and_completion_is_not_a_stop(cli, tiny_model: Path) -> None:
+    prompt = "The old king"
+    base = ["generate", "-m", tiny_model, prompt, "--seed", "5", "-n", "20", "-f", "jsonl"]
+    full = records(cli(*base).stdout)[0]
+    text = full["completion"]
+    # The prompt's tail plus the first generated characters, found nowhere in the generated text alone.
+    spans = [prompt[-k:] + text[:j] for k in (1, 2, 3) for j in (1, 2, 3)]
+    stop = next(s for s in spans if s not in text and "\ufffd" not in s)
+    row = records(cli(*base, "--stop", stop).stdout)[0]
+    assert row == {**full, "seconds": row["seconds"]}  # no stop: the same completion, tokens and reason
+    streamed = cli(
+        "generate", "-m", tiny_model, prompt, "--seed", "5", "-n", "20", "--stop", stop, "--stream"
+    )
+    assert streamed.stdout == text + "\n"
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
+def test_stop_matches_generated_text_only(cli, seed: int) -> None:
+    # The issue's case: a prompt ending in a newline, --stop '\n\n'. A first generated "\n" must not stop.
+    prompt = "ROMEO:\nI will go.\n"
+    base = ["generate", "-m", "tiny-shakespeare", "--seed", str(seed), "-n", "40", "-f", "jsonl"]
+    full = records(cli(*base, input=prompt).stdout)[0]["completion"]
+    row = records(cli(*base, "--stop", "\\n\\n", input=prompt).stdout)[0]
+    if "\n\n" in full:
+        assert row["finish_reason"] == "stop" and row["completion"] == full[: full.index("\n\n")]
+    else:
+        assert row["completion"] == full and row["finish_reason"] != "stop"
 
 
 def test_resume_output_continues_where_it_stopped(cli, tiny_model: Path, tmp_path: Path) -> None:
