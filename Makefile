@@ -8,7 +8,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install test lint bench bench-gpu demo clean
 
+# Optional extras on top, e.g. `make install EXTRAS=tensorboard` (dev, which `make test` uses, has it).
+EXTRAS ?=
+
 install: $(STAMP)
+ifneq ($(EXTRAS),)
+	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
+endif
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

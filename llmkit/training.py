@@ -44,6 +44,7 @@ class Plan:
     processes: int
     device: str
     mixed_precision: str
+    optimizer: str
     parameters: int
     lr: float
     warmup_steps: int
@@ -81,17 +82,25 @@ class Finished:
 
 
 # -- setup -------------------------------------------------------------------------------------------
-def _mixed_precision(cfg: TrainConfig, device_type: str) -> str:
-    import torch
+def _mixed_precision(cfg: TrainConfig, device_type: str, saved: str | None) -> tuple[str, str | None]:
+    """(accelerate's mode, a notice or None). `auto` asks what the device computes natively; a resumed
+    run keeps its checkpoint's precision, so exact resume stays exact on a machine that would differ."""
+    from llmkit.hardware import auto_mixed_precision
 
-    if cfg.mixed_precision == "auto":
-        return "bf16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "no"
     if cfg.mixed_precision == "fp16" and device_type not in ("cuda", "mps"):
         raise UsageError("--mixed-precision fp16 needs a GPU", "use bf16 or no on the CPU")
-    return cfg.mixed_precision
+    if cfg.mixed_precision != "auto":
+        return cfg.mixed_precision, None
+    picked, why = auto_mixed_precision(device_type)
+    if saved is not None and saved != picked:
+        return saved, (
+            f"mixed precision {saved}, as the checkpoint was trained "
+            f"(auto would pick {picked} here: {why}); pass --mixed-precision to change it"
+        )
+    return picked, None
 
 
-def _accelerator(cfg: TrainConfig, out: Path) -> Accelerator:
+def _accelerator(cfg: TrainConfig, out: Path, saved_precision: str | None) -> tuple[Accelerator, str | None]:
     import torch
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
@@ -103,9 +112,10 @@ def _accelerator(cfg: TrainConfig, out: Path) -> Accelerator:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
     device = pick_device(cfg.device)
-    precision = _mixed_precision(cfg, device.type)
+    precision, notice = _mixed_precision(cfg, device.type, saved_precision)
+    _check_tracker(cfg.report_to)
     try:
-        return Accelerator(
+        acc = Accelerator(
             cpu=device.type == "cpu",
             mixed_precision=precision,
             gradient_accumulation_steps=cfg.grad_accum,
@@ -117,6 +127,45 @@ def _accelerator(cfg: TrainConfig, out: Path) -> Accelerator:
             f"cannot set up training: {exc}",
             "check --report-to (its package must be installed) and --mixed-precision",
         ) from None
+    return acc, notice
+
+
+def _saved_choices(saved: dict[str, Any]) -> dict[str, str | None]:
+    """What a checkpoint's run resolved `auto`/default settings to (older checkpoints didn't record it)."""
+    precision = saved.get("mixed_precision")
+    if precision is None and saved.get("threads"):
+        precision = "no"  # a CPU run from before `auto` could pick bf16 on the CPU
+    return {"mixed_precision": precision, "optimizer": saved.get("optimizer", "adamw")}
+
+
+# GPT-2's residual, embedding and attention dropout: what --dropout sets.
+DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
+
+
+def _check_tracker(name: str | None) -> None:
+    """accelerate drops a tracker whose package is missing without a word: refuse before training."""
+    if name is None:
+        return
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+    from accelerate.utils import imports
+
+    packages = {"tensorboard": "tensorboard", "comet_ml": "comet-ml", "dvclive": "dvclive"}
+    for one in name.split(","):
+        one = one.strip()
+        if one == "all":
+            continue
+        if one not in LOGGER_TYPE_TO_CLASS:
+            raise UsageError(
+                f"unknown --report-to {one!r}", f"use one of: {', '.join(sorted(LOGGER_TYPE_TO_CLASS))}"
+            )
+        available = getattr(imports, f"is_{one}_available", None)
+        if available is not None and not available():
+            package = packages.get(one, one)
+            extra = " (or: make install EXTRAS=tensorboard)" if one == "tensorboard" else ""
+            raise UsageError(
+                f"--report-to {one} needs the {package} package, which is not installed",
+                f"pip install {package}{extra}",
+            )
 
 
 def _build_model(cfg: TrainConfig) -> tuple[Any, Any]:
@@ -132,8 +181,13 @@ def _build_model(cfg: TrainConfig) -> tuple[Any, Any]:
     )
     source = None
     if not known_config:
+        # From scratch with --tokenizer, a directory holding only config.json (a model shape) will do.
         source = resolve(
-            cfg.model, offline=cfg.offline, allow_pickle=cfg.allow_pickle, weights=not cfg.from_scratch
+            cfg.model,
+            offline=cfg.offline,
+            allow_pickle=cfg.allow_pickle,
+            weights=not cfg.from_scratch,
+            tokenizer=cfg.tokenizer is None,
         )
     if cfg.tokenizer is not None:
         tok_dir = Path(cfg.tokenizer)
@@ -151,6 +205,7 @@ def _build_model(cfg: TrainConfig) -> tuple[Any, Any]:
             f"the tokenizer of {cfg.tokenizer or cfg.model} has no end-of-text token",
             "documents are joined with it; train one with llmkit train-tokenizer",
         )
+    dropout = {} if cfg.dropout is None else dict.fromkeys(DROPOUT_KEYS, cfg.dropout)
     if not cfg.from_scratch:
         assert source is not None
         model = AutoModelForCausalLM.from_pretrained(
@@ -158,6 +213,7 @@ def _build_model(cfg: TrainConfig) -> tuple[Any, Any]:
             dtype="float32",
             local_files_only=True,
             use_safetensors=None if cfg.allow_pickle else True,
+            **dropout,
         )
         return model, tokenizer
     if source is None:
@@ -166,7 +222,7 @@ def _build_model(cfg: TrainConfig) -> tuple[Any, Any]:
         config = GPT2Config()
     else:
         config = AutoConfig.from_pretrained(source.path, local_files_only=True)
-    overrides = {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd}
+    overrides = {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd, **dropout}
     for key, value in overrides.items():
         if value is not None:
             setattr(config, key, value)
@@ -185,12 +241,21 @@ def _build_model(cfg: TrainConfig) -> tuple[Any, Any]:
     return AutoModelForCausalLM.from_config(config), tokenizer
 
 
-def _optimizer(model: Any, cfg: TrainConfig, device_type: str) -> torch.optim.Optimizer:
+def _optimizers(model: Any, cfg: TrainConfig, device_type: str, name: str) -> list[torch.optim.Optimizer]:
+    """AdamW over everything; or Muon over the transformer blocks' matrices and AdamW over the rest.
+
+    Muon orthogonalises 2-D updates, which suits hidden weight matrices only: embeddings (and the head
+    tied to them), biases and LayerNorm weights stay on AdamW, as in the modded-nanogpt recipe.
+    """
     import torch
 
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
+    muon, decay, no_decay = [], [], []
+    for pname, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name == "muon" and param.dim() == 2 and _in_block(pname):
+            muon.append(param)
+        else:
             # Matrices decay; biases and LayerNorm weights (vectors) don't.
             (decay if param.dim() >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -199,8 +264,24 @@ def _optimizer(model: Any, cfg: TrainConfig, device_type: str) -> torch.optim.Op
     # ones (never here; an earlier, rarer case without it points at threading, not at fused).
     # foreach is the configuration exact resume has always held with on that machine.
     fused = device_type == "cuda"
-    return torch.optim.AdamW(
-        groups, lr=cfg.peak_lr, betas=(0.9, 0.95 if cfg.from_scratch else 0.999), fused=fused
+    found = [
+        torch.optim.AdamW(
+            [g for g in groups if g["params"]],
+            lr=cfg.peak_lr,
+            betas=(0.9, 0.95 if cfg.from_scratch else 0.999),
+            fused=fused,
+        )
+    ]
+    if muon:
+        found.append(torch.optim.Muon(muon, lr=cfg.muon_lr, weight_decay=cfg.weight_decay))
+    return found
+
+
+def _in_block(name: str) -> bool:
+    """A parameter of a transformer block (GPT-2: transformer.h.N.…; most others: layers.N.…)."""
+    parts = name.split(".")
+    return any(
+        p in ("h", "layers") and i + 1 < len(parts) and parts[i + 1].isdigit() for i, p in enumerate(parts)
     )
 
 
@@ -276,10 +357,14 @@ class Trainer:
         from accelerate.utils import set_seed
 
         cfg = self.cfg
-        acc = self.acc = _accelerator(cfg, self.out)
-        main = acc.is_main_process
         resume_from = checkpoints.locate(self.out, cfg.resume_from) if cfg.resuming else None
         saved = checkpoints.load_state(resume_from) if resume_from is not None else None
+        chosen = _saved_choices(saved) if saved is not None else {}
+        acc, precision_notice = _accelerator(cfg, self.out, chosen.get("mixed_precision"))
+        self.acc = acc
+        main = acc.is_main_process
+        # A resumed run keeps the optimizer its checkpoint was trained with unless told otherwise.
+        self.optimizer_name = cfg.optimizer or chosen.get("optimizer") or cfg.optimizer_name
         if main:
             if saved is None:
                 rundir.claim(self.out, overwrite=cfg.overwrite)
@@ -316,7 +401,12 @@ class Trainer:
         if saved is not None:
             from llmkit import resume
 
-            tolerated = resume.check(saved, asdict(cfg), data.fingerprint, world, cfg.force)
+            # Compare what each run resolved `auto` and defaults to, not the words it was given.
+            current = {**asdict(cfg), "optimizer": self.optimizer_name}
+            if chosen.get("mixed_precision"):
+                current["mixed_precision"] = acc.mixed_precision
+            before = {**saved, "config": {**saved["config"], **{k: v for k, v in chosen.items() if v}}}
+            tolerated = resume.check(before, current, data.fingerprint, world, cfg.force)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
@@ -326,17 +416,20 @@ class Trainer:
             # block reads its own layer index, so dynamo would compile one graph per block and, past
             # its recompile limit (8), silently leave the rest eager.
             model.compile()
-        optimizer = _optimizer(model, cfg, acc.device.type)
+        optimizers = _optimizers(model, cfg, acc.device.type, self.optimizer_name)
         from transformers import get_scheduler
 
         warmup = _warmup(cfg, total)
         schedule = {"constant": "constant_with_warmup"}.get(cfg.lr_schedule, cfg.lr_schedule)
-        scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total)
-        # The scheduler stays unprepared: accelerate would step it once per process, and `total` already
-        # counts global optimizer steps. It is registered so checkpoints carry it.
-        model, optimizer = acc.prepare(model, optimizer)
-        acc.register_for_checkpointing(scheduler)
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        schedulers = [
+            get_scheduler(schedule, o, num_warmup_steps=warmup, num_training_steps=total) for o in optimizers
+        ]
+        # Schedulers stay unprepared: accelerate would step them once per process, and `total` already
+        # counts global optimizer steps. They are registered so checkpoints carry them.
+        model, *optimizers = acc.prepare(model, *optimizers)
+        for scheduler in schedulers:
+            acc.register_for_checkpointing(scheduler)
+        self.model, self.optimizers, self.schedulers = model, optimizers, schedulers
         if saved is not None and resume_from is not None:
             acc.load_state(str(resume_from))
             restored = {k: v for k, v in saved["loop"].items() if k in LoopState.__dataclass_fields__}
@@ -360,6 +453,7 @@ class Trainer:
             world,
             str(acc.device),
             acc.mixed_precision,
+            self.optimizer_name,
             sum(p.numel() for p in acc.unwrap_model(model).parameters()),
             cfg.peak_lr,
             warmup,
@@ -373,6 +467,8 @@ class Trainer:
         metrics = rundir.MetricsLog.open(self.out) if main else None
         if main:
             yield plan
+            if precision_notice is not None:
+                yield Notice(precision_notice)
             if resume_from is not None:
                 yield Notice(f"resuming from {resume_from} at step {state.step}/{total}")
                 for line in tolerated:
@@ -403,7 +499,7 @@ class Trainer:
         import torch
 
         cfg, acc, state, data = self.cfg, self.acc, self.state, self.data
-        model, optimizer, scheduler = self.model, self.optimizer, self.scheduler
+        model, optimizers, schedulers = self.model, self.optimizers, self.schedulers
         self.started = last_time = time.perf_counter()
         last_tokens = state.step * self.global_batch * data.block_size
         running = torch.tensor(state.running_loss, device=acc.device)
@@ -432,12 +528,14 @@ class Trainer:
                         "the last good checkpoint is in " + str(checkpoints.root(self.out)),
                     )
             else:
-                optimizer.step()
+                for optimizer in optimizers:
+                    optimizer.step()
                 state.bad_in_row = 0
                 running += step_loss  # skipped steps stay out of the logged loss
                 state.micro_steps += state.grad_accum
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            for optimizer, scheduler in zip(optimizers, schedulers, strict=True):
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
             state.step += 1
             step = state.step
             log_now = step % cfg.log_every == 0 or step == self.total
@@ -457,7 +555,7 @@ class Trainer:
                     step,
                     round(step / self.steps_per_epoch, 4),
                     mean_loss,
-                    scheduler.get_last_lr()[0],
+                    schedulers[0].get_last_lr()[0],
                     tokens,
                     round((tokens - last_tokens) / max(now - last_time, 1e-9), 1),
                 )
@@ -506,7 +604,8 @@ class Trainer:
                         acc.backward(loss)
                 return total
             except torch.OutOfMemoryError:
-                self.optimizer.zero_grad(set_to_none=True)
+                for optimizer in self.optimizers:
+                    optimizer.zero_grad(set_to_none=True)
                 if state.step >= OOM_RETRY_STEPS or world > 1:
                     raise TrainingError(
                         f"out of memory at step {state.step + 1} with micro-batch {state.batch_size}",
@@ -551,6 +650,8 @@ class Trainer:
             "fingerprint": self.data.fingerprint,
             "processes": self.acc.num_processes,
             "threads": _cpu_threads(self.acc.device.type),
+            "mixed_precision": self.acc.mixed_precision,
+            "optimizer": self.optimizer_name,
             "config": asdict(cfg),
             "loop": asdict(state),
         }
@@ -649,6 +750,7 @@ class Trainer:
             "lr": plan.lr,
             "warmup_steps": plan.warmup_steps,
             "mixed_precision": plan.mixed_precision,
+            "optimizer": plan.optimizer,
             "effective_batch": plan.effective_batch,
             "processes": plan.processes,
             "total_steps": plan.total_steps,

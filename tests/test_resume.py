@@ -298,3 +298,44 @@ def test_out_of_memory_halves_the_micro_batch(
     )
     failed = cli(*args(tiny_model_nodrop, corpus, tmp_path / "fail", 6), "--batch-size", "1")
     assert failed.exit_code == 1 and "--gradient-checkpointing" in failed.stderr
+
+
+def test_resume_keeps_the_checkpoints_precision(tiny_model: Path, corpus: Path, tmp_path: Path) -> None:
+    # Trained where auto picks bf16, resumed where it would pick fp32: the run stays bf16 and says so,
+    # and ends with the weights of the uninterrupted bf16 run, bit for bit.
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    code, _, err = finish(start(args(tiny_model, corpus, ref, 20), LLMKIT_CPU_BF16="1"))
+    assert code == 0, err
+    assert "precision bf16" in err
+    assert json.loads((ref / "llmkit.json").read_text())["mixed_precision"] == "bf16"
+    proc = start(args(tiny_model, corpus, out, 20), LLMKIT_CPU_BF16="1", LLMKIT_FAULT="checkpoint-write@15")
+    code, _, err = finish(proc)
+    assert code == -signal.SIGKILL, err
+    code, _, err = finish(start([*args(tiny_model, corpus, out, 20), "--resume"], LLMKIT_CPU_BF16="0"))
+    assert code == 0, err
+    assert "mixed precision bf16, as the checkpoint was trained (auto would pick no here" in err
+    assert_same_weights(ref, out)
+    # Asking for another precision explicitly is a different run.
+    code, _, err = finish(
+        start(
+            [*args(tiny_model, corpus, out, 20), "--resume", "--mixed-precision", "no"], LLMKIT_CPU_BF16="0"
+        )
+    )
+    assert code == 2 and "mixed-precision: 'bf16' → 'no'" in err
+
+
+def test_muon_resume_is_bit_exact(tiny_model: Path, corpus: Path, tmp_path: Path) -> None:
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    muon = ("--optimizer", "muon")
+    code, _, err = finish(start([*args(tiny_model, corpus, ref, 20), *muon]))
+    assert code == 0, err
+    assert "muon lr" in err
+    code, _, err = finish(
+        start([*args(tiny_model, corpus, out, 20), *muon], LLMKIT_FAULT="checkpoint-write@15")
+    )
+    assert code == -signal.SIGKILL, err
+    code, _, err = finish(start([*args(tiny_model, corpus, out, 20), *muon, "--resume"]))
+    assert code == 0, err
+    assert "resuming from" in err and (out / "checkpoints" / "step-20" / "optimizer_1.bin").is_file()
+    assert_same_weights(ref, out)
+    assert losses(out) == losses(ref)

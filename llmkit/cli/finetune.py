@@ -49,6 +49,14 @@ def finetune(
     n_head: Annotated[
         int | None, typer.Option("--n-head", help="From scratch: attention heads.", show_default=False)
     ] = None,
+    dropout: Annotated[
+        float | None,
+        typer.Option(
+            "--dropout",
+            help="Residual, embedding and attention dropout (default: the model config's).",
+            show_default=False,
+        ),
+    ] = None,
     n_embd: Annotated[
         int | None, typer.Option("--n-embd", help="From scratch: embedding width.", show_default=False)
     ] = None,
@@ -99,6 +107,16 @@ def finetune(
     weight_decay: Annotated[
         float, typer.Option("--weight-decay", help="AdamW weight decay (not on biases or LayerNorm).")
     ] = 0.01,
+    optimizer: Annotated[
+        str | None,
+        typer.Option(
+            "--optimizer",
+            help="adamw, or muon (Muon on the blocks' matrices, AdamW on the rest). "
+            "Default: muon with --from-scratch, else adamw.",
+            show_default=False,
+        ),
+    ] = None,
+    muon_lr: Annotated[float, typer.Option("--muon-lr", help="Muon's peak learning rate.")] = 0.02,
     lr_schedule: Annotated[str, typer.Option("--lr-schedule", help="cosine, linear or constant.")] = "cosine",
     warmup_steps: Annotated[
         int | None,
@@ -113,7 +131,9 @@ def finetune(
     mixed_precision: Annotated[
         str,
         typer.Option(
-            "--mixed-precision", help="auto, no, bf16 or fp16 (auto: bf16 on GPUs that support it, else no)."
+            "--mixed-precision",
+            help="auto, no, bf16 or fp16 (auto: bf16 where the device computes it natively — GPUs, CPUs "
+            "with avx512_bf16 or AMX — else no).",
         ),
     ] = "auto",
     gradient_checkpointing: Annotated[
@@ -288,7 +308,7 @@ class _View:
             f"plan: {p.steps_per_epoch:,} steps per epoch, {p.total_steps:,} steps, effective batch "
             f"{p.effective_batch} blocks ({p.effective_batch * p.block_size:,} tokens); "
             f"{p.parameters / 1e6:.1f}M parameters on {p.device} × {p.processes}, precision "
-            f"{p.mixed_precision}, lr {p.lr:g} with {p.warmup_steps} warm-up steps"
+            f"{p.mixed_precision}, {p.optimizer} lr {p.lr:g} with {p.warmup_steps} warm-up steps"
         )
         self.total = p.total_steps
         if self.live:
