@@ -63,12 +63,29 @@ def machine() -> dict[str, Any]:
             for line in Path("/proc/cpuinfo").read_text().splitlines()
             if line.startswith("model name")
         )
+    from llmkit.hardware import cpu_bf16
+
+    bf16 = cpu_bf16()
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "kernel_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": bf16.native,
+        "native_bf16_why": bf16.reason,
     }
+
+
+def describe_machine() -> str:
+    """One line for the top of every benchmark's output: results depend on it."""
+    m = machine()
+    return (
+        f"machine: {m['cpu']}, {m['cores']} CPUs, torch {m['torch']} ({m['torch_threads']} threads, "
+        f"{m['kernel_capability']}), native bf16: {'yes' if m['native_bf16'] else 'no'} "
+        f"({m['native_bf16_why']})"
+    )
 
 
 def save(name: str, result: dict[str, Any]) -> Path:

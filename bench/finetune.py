@@ -6,6 +6,10 @@ this CPU), in this one process, alternating. Throughput is measured from the end
 optimizer step to the end of the last (start-up and the first step's allocations excluded), from
 each loop's own step boundaries. Both final models are then scored by one evaluation function on the
 held-out text: at equal tokens the val losses should agree within seed noise.
+
+"llmkit (defaults)" rows run llmkit at its own defaults (`--mixed-precision auto`: bf16 autocast
+where the CPU computes bf16 natively, fp32 elsewhere) against the Trainer at *its* defaults (fp32):
+target >= 1.2x on such a CPU, parity elsewhere, with the same val loss within noise.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import BUILD, CORPUS, gpt2_small, save, table
+from bench.common import BUILD, CORPUS, describe_machine, gpt2_small, save, table
 
 RUNS: dict[str, dict[str, Any]] = {
     # block size, batch, optimizer steps, learning rate, steps between timestamps, repeats
@@ -78,7 +82,7 @@ def step_rate(stamps: dict[int, float], spec: dict[str, Any]) -> float:
 
 
 def run_llmkit(
-    model: Path, train: Path, out: Path, spec: dict[str, Any], compile: bool = False
+    model: Path, train: Path, out: Path, spec: dict[str, Any], compile: bool = False, precision: str = "no"
 ) -> tuple[float, Path]:
     from llmkit.config import TrainConfig
     from llmkit.training import Metrics, Trainer
@@ -96,7 +100,7 @@ def run_llmkit(
         val_split=0.0,
         log_every=spec["log"],  # llmkit's default is 10
         save_every=0,
-        mixed_precision="no",
+        mixed_precision=precision,
         compile=compile,
         cache_dir=str(BUILD / "ft-cache"),
     )
@@ -188,19 +192,24 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(torch.get_num_threads())
+    print(describe_machine())
     train, val = split_corpus()
     results: dict[str, Any] = {}
     rows = [("model", "tool", "tokens/s (median)", "spread", "val loss", "ratio")]
     for name, spec in RUNS.items():
         model = tiny_model() if name == "tiny" else gpt2_small()
-        tools: dict[str, Any] = {"hf-trainer": run_hf, "llmkit": run_llmkit}
+        tools: dict[str, Any] = {
+            "hf-trainer": run_hf,
+            "llmkit": run_llmkit,
+            "llmkit (defaults)": lambda *a: run_llmkit(*a, precision="auto"),
+        }
         if spec["compile"]:
             tools["llmkit --compile"] = lambda *a: run_llmkit(*a, compile=True)
         rates: dict[str, list[float]] = {t: [] for t in tools}
         losses: dict[str, list[float]] = {t: [] for t in tools}
         for _ in range(spec["repeats"]):
             for tool, fn in tools.items():
-                out = BUILD / f"ft-out-{name}-{tool.replace(' --', '-')}"
+                out = BUILD / f"ft-out-{name}-{tool.replace(' --', '-').replace(' ', '')}"
                 rate, final = fn(model, train, out, spec)
                 rates[tool].append(rate)
                 if name == "tiny":

@@ -22,7 +22,7 @@ def main() -> None:
     from llmkit.models import load
 
     torch.manual_seed(0)
-    lm = load(LoadConfig(model=str(gpt2_small())))
+    lm = load(LoadConfig(model=str(gpt2_small()), dtype="float32"))  # equal settings: plain is float32
     rng = random.Random(0)
     prompts = [
         Prompt(i, " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 60)))) for i in range(PROMPTS)
