@@ -116,7 +116,7 @@ def _global(
 
 def _register() -> None:
     # Command modules import only typer and stdlib at module level; heavy imports live in their bodies.
-    from llmkit.cli import finetune, generate, info, perplexity, plot, tokenize, train_tokenizer
+    from llmkit.cli import finetune, generate, info, perplexity, plot, serve, tokenize, train_tokenizer
 
     app.command("generate", epilog=generate.EXAMPLES)(generate.generate)
     app.command("tokenize", epilog=tokenize.EXAMPLES)(tokenize.tokenize)
@@ -125,6 +125,7 @@ def _register() -> None:
     app.command("finetune", epilog=finetune.EXAMPLES)(finetune.finetune)
     app.command("train-tokenizer", epilog=train_tokenizer.EXAMPLES)(train_tokenizer.train_tokenizer)
     app.command("plot", epilog=plot.EXAMPLES)(plot.plot)
+    app.command("serve", epilog=serve.EXAMPLES)(serve.serve)
 
 
 _register()

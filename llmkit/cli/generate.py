@@ -150,6 +150,20 @@ def generate(
             show_default=False,
         ),
     ] = None,
+    server: Annotated[
+        str | None,
+        typer.Option(
+            "--server",
+            envvar="LLMKIT_SERVER",
+            help="Use the model of a running `llmkit serve` (or any OpenAI completions server) at this URL: "
+            "no model load, no torch import.",
+            show_default=False,
+        ),
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option("--api-key", envvar="LLMKIT_API_KEY", help="Key for --server.", show_default=False),
+    ] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quantize: QuantizeOpt = None,
@@ -195,11 +209,16 @@ def generate(
             )
         prompts = itertools.chain([first], prompts)
 
-    from llmkit.cli._loading import load_model
-    from llmkit.generation import Generator, Prompt
+    from llmkit.generation import Prompt
 
     summary = not out.settings.quiet and (out.settings.verbose or out.stderr_is_terminal())
-    gen = Generator(load_model(load_cfg), cfg, warn=out.warn, time_first_token=summary)
+    if server:
+        gen: Any = _remote(server, api_key, cfg, options)
+    else:
+        from llmkit.cli._loading import load_model
+        from llmkit.generation import Generator
+
+        gen = Generator(load_model(load_cfg), cfg, warn=out.warn, time_first_token=summary)
     out.detail(f"seed {gen.seed}")
     started = time.perf_counter()
 
@@ -241,6 +260,21 @@ def generate(
         sink.close()
     if summary:
         _summary(gen, prompts_done, started)
+
+
+def _remote(server: str, api_key: str | None, cfg: Any, options: dict[str, Any]) -> Any:
+    """The server's model: load options don't apply, and saying so beats ignoring them."""
+    from llmkit.errors import UsageError
+    from llmkit.remote import RemoteGenerator
+
+    local = {"device": "auto", "dtype": "auto", "quantize": None, "compile": False, "allow_pickle": False}
+    for name, default in local.items():
+        if options[name] != default:
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"{flag} applies to a local model", "the server loaded its model: set it there")
+    model = options["model"] if options["model"] != "gpt2" else None
+    out.detail(f"server {server}")
+    return RemoteGenerator(server, cfg, api_key=api_key, model=model)
 
 
 class _Sink:

@@ -1,0 +1,397 @@
+"""Continuous batching: every sequence in flight is decoded in one forward pass per step.
+
+One worker thread owns the model and one KV cache whose rows are the live sequences, left-padded
+so every row's newest token sits in the last column. New requests are prefilled together and
+joined to the batch between steps; finished or cancelled rows leave it at once; columns that are
+padding in every row are trimmed. Each sequence samples with its own RNG and processors
+(sampling.py), so requests with different settings share a batch.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from llmkit.generation import find_stop, held_back
+from llmkit.serve.sampling import Sampler, SamplingParams
+
+if TYPE_CHECKING:
+    import torch
+
+    from llmkit.models import LoadedModel
+
+
+@dataclass
+class TokenInfo:
+    """One token of a choice's text, with what `logprobs` reports about it."""
+
+    id: int
+    text: str
+    start: int  # offset of its text in the choice's text (completion, or prompt for echoed tokens)
+    logprob: float | None = None
+    top: dict[str, float] | None = None
+
+
+@dataclass
+class Chunk:
+    """What a sequence delivers: new text and its tokens, and on the last chunk why it ended."""
+
+    text: str = ""
+    tokens: list[TokenInfo] = field(default_factory=list)
+    finish_reason: str | None = None  # stop | length
+    stop_reason: str | None = None  # the stop string matched; None for end-of-text or length
+    error: BaseException | None = None
+    echo: bool = False  # the prompt, echoed
+
+
+class Sequence:
+    """One choice being generated: its tokens, text, stop strings and delivery."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        seed: int,
+        deliver: Callable[[Chunk], None],
+        prompt_text: str | None = None,
+    ) -> None:
+        self.engine = engine
+        self.prompt_ids = prompt_ids
+        self.prompt_text = prompt_text
+        self.params = params
+        self.sampler = Sampler(params, engine.eos_ids, seed)
+        self.deliver = deliver
+        self.generated: list[int] = []
+        self.ends: list[int] = []  # text length after each generated token
+        self.infos: list[TokenInfo] = []
+        self.released = 0  # tokens delivered
+        self.emitted = 0  # characters delivered
+        self.next_token: int | None = None
+        self.finished = False
+        self.cancelled = False
+
+    # -- called by the worker ------------------------------------------------------------------------
+    def begin(self, prompt_logits: torch.Tensor | None) -> None:
+        """Deliver the echoed prompt (with its tokens' logprobs when asked)."""
+        if not self.params.echo:
+            return
+        tok = self.engine.tokenizer
+        text = self.prompt_text if self.prompt_text is not None else self.engine.decode(self.prompt_ids)
+        tokens: list[TokenInfo] = []
+        if self.params.logprobs is not None:
+            import torch
+
+            starts = [len(self.engine.decode(self.prompt_ids[:i])) for i in range(len(self.prompt_ids))]
+            logprobs = torch.log_softmax(prompt_logits, dim=-1) if prompt_logits is not None else None
+            for i, token in enumerate(self.prompt_ids):
+                info = TokenInfo(token, self.engine.decode([token]), starts[i])
+                if i > 0 and logprobs is not None:  # the first token has no context to be scored in
+                    info.logprob, info.top = self._report(logprobs[i - 1], token)
+                tokens.append(info)
+        del tok
+        self.deliver(Chunk(text, tokens, echo=True))
+
+    def advance(self, logits: torch.Tensor) -> None:
+        """Sample the next token from this row's logits [vocab] and deliver what became final."""
+        if self.finished:
+            return
+        import torch
+
+        context = self._context() if self.sampler.processors or self.sampler.warpers else _EMPTY
+        scores = self.sampler.adjust(logits[None].clone(), context, len(self.generated))
+        token = self.sampler.pick(scores, context)
+        self.next_token = token
+        if token in self.engine.eos_ids:
+            self._finish("stop", None, self.ends[-1] if self.ends else 0)
+            return
+        info = TokenInfo(token, self.engine.decode([token]), self.ends[-1] if self.ends else 0)
+        if self.params.logprobs is not None:
+            info.logprob, info.top = self._report(torch.log_softmax(logits, dim=-1), token)
+        self.generated.append(token)
+        self.engine.tokens_generated += 1
+        self.infos.append(info)
+        text = self.engine.decode(self.generated)
+        self.ends.append(len(text))
+        hit = find_stop(text, self.params.stop)
+        if hit is not None:
+            self._finish("stop", text[hit[0] : hit[1]], hit[0], text)
+        elif len(self.generated) >= self.params.max_tokens:
+            self._finish("length", None, len(text), text)
+        else:
+            self._release(text, len(text) - held_back(text, self.params.stop))
+
+    def fail(self, error: BaseException) -> None:
+        if not self.finished:
+            self.finished = True
+            self.deliver(Chunk(error=error))
+
+    def finish_empty(self) -> None:
+        """max_tokens 0: only the prompt (echo, scoring) was asked for."""
+        self._finish("length", None, 0)
+
+    # -- inside --------------------------------------------------------------------------------------
+    def _context(self) -> torch.Tensor:
+        import torch
+
+        return torch.tensor([self.prompt_ids + self.generated])
+
+    def _report(self, logprobs: torch.Tensor, token: int) -> tuple[float, dict[str, float] | None]:
+        chosen = float(logprobs[token])
+        k = self.params.logprobs or 0
+        if not k:
+            return chosen, None
+        values, ids = logprobs.topk(k)
+        top = {self.engine.decode([int(i)]): float(v) for v, i in zip(values, ids, strict=True)}
+        top.setdefault(self.engine.decode([token]), chosen)  # OpenAI lists the chosen token too
+        return chosen, top
+
+    def _release(self, text: str, upto: int) -> None:
+        count = self.released
+        while count < len(self.ends) and self.ends[count] <= upto:
+            count += 1
+        if upto > self.emitted or count > self.released:
+            self.deliver(Chunk(text[self.emitted : upto], self.infos[self.released : count]))
+            self.emitted, self.released = max(self.emitted, upto), count
+
+    def _finish(self, reason: str, stop: str | None, end: int, text: str | None = None) -> None:
+        self.finished = True
+        if text is None:
+            text = self.engine.decode(self.generated)
+        # Tokens that begin before the cut belong to the choice; the stop string itself does not.
+        count = self.released
+        while count < len(self.infos) and self.infos[count].start < end:
+            count += 1
+        self.infos = self.infos[:count]
+        chunk = Chunk(text[self.emitted : end], self.infos[self.released :], reason, stop)
+        self.emitted, self.released = end, count
+        self.deliver(chunk)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.generated)
+
+
+_EMPTY: Any = None
+
+
+class Engine:
+    """Owns the model on one worker thread; `submit` and `cancel` are safe from any thread."""
+
+    def __init__(self, lm: LoadedModel, max_batch: int = 16) -> None:
+        import torch
+
+        global _EMPTY
+        _EMPTY = torch.zeros((1, 0), dtype=torch.long)
+        self.lm = lm
+        self.model = lm.model
+        self.tokenizer = lm.tokenizer
+        self.device = lm.device
+        self.context = lm.context
+        self.max_batch = max_batch
+        eos = lm.model.generation_config.eos_token_id
+        if eos is None:
+            eos = lm.tokenizer.eos_token_id
+        self.eos_ids: set[int] = set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
+        self.pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+        self._cond = threading.Condition()
+        self._pending: deque[Sequence] = deque()
+        self._rows: list[Sequence] = []
+        self._cache: Any = None
+        self._mask: torch.Tensor | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="llmkit-engine", daemon=True)
+        self.steps = 0
+        self.tokens_generated = 0
+        # Test hook: seconds to sleep per decoding step, so tests can act while a request is in flight.
+        self._step_delay = float(os.environ.get("LLMKIT_TEST_STEP_DELAY", "0") or 0)
+
+    def stats(self) -> dict[str, int]:
+        """For /health: sequences decoding and waiting, decoding steps and tokens so far."""
+        return {
+            "running": len(self._rows),
+            "waiting": len(self._pending),
+            "steps": self.steps,
+            "tokens_generated": self.tokens_generated,
+        }
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Finish what is in flight (within `timeout`), then end the worker."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def sequence(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        deliver: Callable[[Chunk], None],
+        seed: int | None = None,
+        prompt_text: str | None = None,
+    ) -> Sequence:
+        if seed is None:
+            seed = int.from_bytes(os.urandom(4), "little") >> 1
+        return Sequence(self, prompt_ids, params, seed, deliver, prompt_text)
+
+    def submit(self, sequences: list[Sequence]) -> None:
+        with self._cond:
+            self._pending.extend(sequences)
+            self._cond.notify_all()
+
+    def cancel(self, sequences: list[Sequence]) -> None:
+        with self._cond:
+            for seq in sequences:
+                seq.cancelled = True
+            self._cond.notify_all()
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    # -- the worker ----------------------------------------------------------------------------------
+    def _run(self) -> None:
+        import torch
+
+        while True:
+            with self._cond:
+                while not (self._pending or self._rows) and not self._stopping:
+                    self._cond.wait()
+                if self._stopping and not (self._pending or self._rows):
+                    return
+                new = [
+                    self._pending.popleft()
+                    for _ in range(min(self.max_batch - len(self._rows), len(self._pending)))
+                ]
+            try:
+                with torch.inference_mode():
+                    self._step([s for s in new if not s.cancelled])
+            except (
+                Exception
+            ) as exc:  # out of memory, or anything else: these requests fail, the server goes on
+                for seq in self._rows + new:
+                    seq.fail(exc)
+                self._rows, self._cache, self._mask = [], None, None
+
+    def _step(self, new: list[Sequence]) -> None:
+        self._drop()
+        if new:
+            self._prefill(new)
+        if self._rows:
+            self._decode()
+            self.steps += 1
+            if self._step_delay:
+                time.sleep(self._step_delay)
+        self._drop()
+
+    def _prefill(self, new: list[Sequence]) -> None:
+        import torch
+
+        width = max(len(s.prompt_ids) for s in new)
+        ids = torch.tensor([[self.pad_id] * (width - len(s.prompt_ids)) + s.prompt_ids for s in new])
+        mask = torch.tensor([[0] * (width - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in new])
+        scoring = any(s.params.echo and s.params.logprobs is not None for s in new)
+        out = self.model(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(self.device),
+            use_cache=True,
+            logits_to_keep=0 if scoring else 1,
+        )
+        logits = out.logits.float()
+        keep = []
+        for i, seq in enumerate(new):
+            n = len(seq.prompt_ids)
+            prompt_logits = logits[i, width - n : width - 1] if scoring else None
+            seq.begin(prompt_logits)
+            if seq.params.max_tokens == 0:
+                seq.finish_empty()
+                continue
+            seq.advance(logits[i, -1])
+            if not seq.finished:
+                keep.append(i)
+        if not keep:
+            return
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        if len(keep) < len(new):
+            cache.batch_select_indices(torch.tensor(keep, device=self.device))
+        self._join(cache, mask[keep].to(self.device), [new[i] for i in keep])
+
+    def _join(self, cache: Any, mask: torch.Tensor, rows: list[Sequence]) -> None:
+        """Add prefilled rows to the batch: both sides left-padded to the wider one."""
+        import torch
+        from transformers import DynamicCache
+
+        if self._cache is None or self._mask is None:
+            self._cache, self._mask, self._rows = cache, mask, rows
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
+
+        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+            missing = width - t.shape[dim]
+            if missing == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = missing
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        layers = [
+            (
+                torch.cat([pad(old.keys, 2), pad(add.keys, 2)]),
+                torch.cat([pad(old.values, 2), pad(add.values, 2)]),
+            )
+            for old, add in zip(self._cache.layers, cache.layers, strict=True)
+        ]
+        self._cache = DynamicCache(layers)
+        self._mask = torch.cat([pad(self._mask, 1), pad(mask, 1)])
+        self._rows = self._rows + rows
+
+    def _decode(self) -> None:
+        import torch
+
+        assert self._mask is not None
+        rows = self._rows
+        ids = torch.tensor([[s.next_token] for s in rows], device=self.device)
+        positions = self._mask.sum(-1, keepdim=True)
+        mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, cache=self._cache, use_cache=True
+        )
+        self._cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        self._mask = mask
+        logits = out.logits[:, -1].float()
+        for i, seq in enumerate(rows):
+            seq.advance(logits[i])
+
+    def _drop(self) -> None:
+        """Finished and cancelled rows leave the batch; all-padding columns go with them."""
+        import torch
+
+        if not self._rows:
+            return
+        keep = [i for i, s in enumerate(self._rows) if not (s.finished or s.cancelled)]
+        if not keep:
+            self._rows, self._cache, self._mask = [], None, None
+            return
+        if len(keep) < len(self._rows):
+            assert self._mask is not None
+            self._cache.batch_select_indices(torch.tensor(keep, device=self.device))
+            self._mask = self._mask[keep]
+            self._rows = [self._rows[i] for i in keep]
+        assert self._mask is not None
+        first = int((self._mask.sum(0) > 0).nonzero()[0])
+        if first:
+            for layer in self._cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            self._mask = self._mask[:, first:]
