@@ -361,3 +361,36 @@ def test_generate_server_errors(srv: Server, cli) -> None:
     assert unauthorized.exit_code == 1 and "--api-key" in unauthorized.stderr
     local_only = cli("generate", "--server", srv.url, "--dtype", "bfloat16", "hi")
     assert local_only.exit_code == 2 and "applies to a local model" in local_only.stderr
+
+
+def test_a_failure_while_generating_is_a_500_and_the_server_goes_on(tiny_model: Path, monkeypatch) -> None:
+    from fastapi.testclient import TestClient
+
+    from llmkit.config import LoadConfig
+    from llmkit.models import load
+    from llmkit.serve.app import create_app
+    from llmkit.serve.engine import Engine
+
+    engine = Engine(load(LoadConfig(model=str(tiny_model))), max_batch=4)
+    real = engine.model
+    calls = {"n": 0}
+
+    def flaky(**kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first decoding step of the first request
+            raise torch.OutOfMemoryError("simulated: out of memory")
+        return real(**kwargs)
+
+    monkeypatch.setattr(engine, "model", flaky)
+    engine.start()
+    try:
+        with TestClient(create_app(engine, "tiny")) as http:
+            failed = http.post("/v1/completions", json={"prompt": "The cat", "max_tokens": 5})
+            assert failed.status_code == 500
+            error = failed.json()["error"]
+            assert error["type"] == "server_error" and "out of memory" in error["message"]
+            ok = http.post("/v1/completions", json={"prompt": "The cat", "max_tokens": 5, "min_tokens": 5})
+            assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 5
+            assert http.get("/health").json()["status"] == "ok"
+    finally:
+        engine.stop()
