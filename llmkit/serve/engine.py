@@ -81,7 +81,6 @@ class Sequence:
         """Deliver the echoed prompt (with its tokens' logprobs when asked)."""
         if not self.params.echo:
             return
-        tok = self.engine.tokenizer
         text = self.prompt_text if self.prompt_text is not None else self.engine.decode(self.prompt_ids)
         tokens: list[TokenInfo] = []
         if self.params.logprobs is not None:
@@ -94,7 +93,6 @@ class Sequence:
                 if i > 0 and logprobs is not None:  # the first token has no context to be scored in
                     info.logprob, info.top = self._report(logprobs[i - 1], token)
                 tokens.append(info)
-        del tok
         self.deliver(Chunk(text, tokens, echo=True))
 
     def advance(self, logits: torch.Tensor) -> None:

@@ -3,7 +3,6 @@ stop accepting, let requests in flight end (a few seconds at most), then exit 13
 
 from __future__ import annotations
 
-import signal
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -69,7 +68,3 @@ def run(app: Any, sock: socket.socket, on_ready: Callable[[], None], on_stop: Ca
     if server.received is not None:
         return 128 + server.received
     return 0
-
-
-def exit_signals() -> tuple[int, int]:
-    return signal.SIGINT, signal.SIGTERM

@@ -1,0 +1,236 @@
+"""Serving throughput (GPT-2 small's shape, CPU, float32): `llmkit serve` at 1, 4 and 16 concurrent
+clients against the same requests sent one at a time, and against `transformers serve` on the same
+model directory with and without its continuous batching; and `generate --server` per-call wall time.
+
+Every request streams 64 sampled tokens; time to first token (TTFT) is when its first text arrives.
+Servers run one at a time as subprocesses on loopback, each warmed up with one request first.
+Targets: >= 4x one-at-a-time at 16 clients, and ahead of `transformers serve` at every concurrency.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from bench.common import WORDS, describe_machine, gpt2_small, save, table
+
+NEW_TOKENS = 64
+CONCURRENCY = (1, 4, 16)
+BIN = Path(sys.executable).parent
+
+
+def prompt(i: int) -> str:
+    return " ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(24))
+
+
+def stream(url: str, body: dict[str, Any]) -> tuple[float | None, int, float]:
+    """(seconds to first text, text chunks, seconds in all) of one streamed completion."""
+    parsed = urlparse(url)
+    started = time.perf_counter()
+    conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=600)
+    conn.request(
+        "POST", "/v1/completions", json.dumps({**body, "stream": True}), {"Content-Type": "application/json"}
+    )
+    response = conn.getresponse()
+    if response.status != 200:
+        raise RuntimeError(f"{response.status}: {response.read()[:300]!r}")
+    first, chunks = None, 0
+    for raw in response:
+        line = raw.strip()
+        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+            if line == b"data: [DONE]":
+                break
+            continue
+        event = json.loads(line[6:])
+        for choice in event.get("choices") or []:
+            if choice.get("text"):
+                chunks += 1
+                if first is None:
+                    first = time.perf_counter() - started
+    conn.close()
+    return first, chunks, time.perf_counter() - started
+
+
+def request_body(model: str, i: int) -> dict[str, Any]:
+    return {"model": model, "prompt": prompt(i), "max_tokens": NEW_TOKENS, "temperature": 1.0, "seed": i}
+
+
+def at_concurrency(url: str, model: str, clients: int, per_client: int = 1) -> dict[str, Any]:
+    results: list[tuple[float | None, int, float]] = []
+    lock = threading.Lock()
+
+    def client(c: int) -> None:
+        for r in range(per_client):
+            got = stream(url, request_body(model, c * per_client + r))
+            with lock:
+                results.append(got)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    ttft = sorted(r[0] for r in results if r[0] is not None)
+    tokens = sum(r[1] for r in results)
+    return {
+        "clients": clients,
+        "requests": len(results),
+        "tokens": tokens,
+        "seconds": wall,
+        "tokens_per_s": tokens / wall,
+        "ttft_p50": statistics.median(ttft),
+        "ttft_p95": ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))],
+    }
+
+
+def one_at_a_time(url: str, model: str, requests: int) -> dict[str, Any]:
+    started, tokens = time.perf_counter(), 0
+    for i in range(requests):
+        tokens += stream(url, request_body(model, i))[1]
+    wall = time.perf_counter() - started
+    return {"requests": requests, "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall}
+
+
+class Running:
+    """A server subprocess; `ready` matches the line that says it listens."""
+
+    def __init__(
+        self, argv: list[str], url: str | None, ready: str, env: dict[str, str] | None = None
+    ) -> None:
+        self.proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.url = url
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            found = re.search(ready, line)
+            if found:
+                self.url = self.url or found.group(1)
+                break
+        else:
+            raise RuntimeError(f"{argv[0]} did not start")
+        threading.Thread(target=lambda: self.proc.stderr.read(), daemon=True).start()  # type: ignore[union-attr]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def measure(name: str, server: Running, model: str, sequential: bool) -> dict[str, Any]:
+    assert server.url is not None
+    stream(server.url, request_body(model, 999))  # warm-up: first-call allocations
+    out: dict[str, Any] = {"levels": [at_concurrency(server.url, model, c) for c in CONCURRENCY]}
+    if sequential:
+        out["one_at_a_time"] = one_at_a_time(server.url, model, max(CONCURRENCY))
+    print(f"{name}: " + ", ".join(f"{lv['clients']}: {lv['tokens_per_s']:.1f} tok/s" for lv in out["levels"]))
+    return out
+
+
+def generate_calls(url: str, repeats: int = 5) -> list[float]:
+    """Wall seconds of whole `llmkit generate --server URL … -n 1` processes."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        subprocess.run(
+            [str(BIN / "llmkit"), "generate", "--server", url, "hello", "-n", "1"],
+            check=True,
+            capture_output=True,
+        )
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def main() -> None:
+    print(describe_machine())
+    model_dir = str(gpt2_small())
+    results: dict[str, Any] = {}
+    ours = Running(
+        [str(BIN / "llmkit"), "serve", "-m", model_dir, "--port", "0", "--dtype", "float32"],
+        None,
+        r"listening on (http://\S+) ",
+    )
+    try:
+        results["llmkit"] = measure("llmkit serve", ours, model_dir, sequential=True)
+        results["generate_server_call_s"] = generate_calls(ours.url or "")
+    finally:
+        ours.stop()
+    for label, flags in (
+        ("transformers", []),
+        ("transformers --continuous-batching", ["--continuous-batching"]),
+    ):
+        port = free_port()
+        theirs = Running(
+            [
+                str(BIN / "transformers"),
+                "serve",
+                model_dir,
+                "--port",
+                str(port),
+                "--device",
+                "cpu",
+                "--dtype",
+                "float32",
+                *flags,
+            ],
+            f"http://127.0.0.1:{port}",
+            r"Uvicorn running|Application startup complete",
+        )
+        try:
+            results[label] = measure(label, theirs, model_dir, sequential=False)
+        except Exception as exc:  # a baseline that fails is reported, not fatal
+            results[label] = {"error": repr(exc)}
+            print(f"{label}: failed: {exc!r}")
+        finally:
+            theirs.stop()
+    rows = [("server", *(f"{c} client{'s' if c > 1 else ''}" for c in CONCURRENCY), "TTFT p50 / p95 at 16")]
+    for label in ("llmkit", "transformers", "transformers --continuous-batching"):
+        levels = results[label].get("levels")
+        if not levels:
+            rows.append((label, *("failed" for _ in CONCURRENCY), ""))
+            continue
+        top = levels[-1]
+        rows.append(
+            (
+                label,
+                *(f"{lv['tokens_per_s']:.1f} tok/s" for lv in levels),
+                f"{top['ttft_p50']:.2f} / {top['ttft_p95']:.2f} s",
+            )
+        )
+    print(table(rows))
+    mine = results["llmkit"]
+    speedup = mine["levels"][-1]["tokens_per_s"] / mine["one_at_a_time"]["tokens_per_s"]
+    calls = results["generate_server_call_s"]
+    print(
+        f"llmkit at 16 clients vs the same requests one at a time: {speedup:.2f}x (target >= 4); "
+        f"generate --server, 1 token: median {statistics.median(calls):.3f} s per call (target <= 0.3)"
+    )
+    results["speedup_16_vs_sequential"] = speedup
+    save("serve", results)
+
+
+if __name__ == "__main__":
+    main()
