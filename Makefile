@@ -50,9 +50,12 @@ clean:
 CORPUS ?= ../shared/data/tinyshakespeare.txt
 TS_BUILD := build/tiny-shakespeare
 TS_MODEL := llmkit/builtin/tiny-shakespeare
-# Sized for the budget: <= 10 MB of bf16 weights and <= 20 minutes of training on a 2-core CPU.
-TS_ARGS ?= --n-layer 4 --n-head 4 --n-embd 256 --context 256 --batch-size 8 --max-steps 1600 \
-  --warmup-steps 50 --lr 2e-3 --weight-decay 0.1 --eval-every 200 --save-every 400
+# Sized for the budget: <= 10 MB of bf16 weights and <= 20 minutes of training on a 2-core CPU with
+# native bf16 (mixed precision auto picks bf16 autocast there). Muon on the blocks' matrices (lr 0.02),
+# AdamW on embeddings and norms; dropout 0.2 because ~12 passes over 0.35M tokens overfit without it.
+TS_ARGS ?= --n-layer 5 --n-head 4 --n-embd 256 --context 256 --dropout 0.2 --batch-size 8 --max-steps 1900 \
+  --warmup-steps 100 --optimizer muon --muon-lr 0.02 --lr 1.5e-3 --weight-decay 0.1 --eval-every 500 \
+  --save-every 1000
 TS_SHIP := config.json generation_config.json model.safetensors tokenizer.json tokenizer_config.json README.md llmkit.json
 
 .PHONY: tiny-shakespeare

@@ -26,7 +26,7 @@ Say she be mute and will not speak a word;
 Then I'll commend her volubility,
 And say she uttereth piercing eloquence:
 """
-# The model scores 2.34 bits per byte on the whole held-out split and 2.08 on these lines; a broken
+# The model scores 2.185 bits per byte on the whole held-out split and 2.00 on these lines; a broken
 # loader, tokenizer or weight file lands far above (random weights give ~11).
 BITS_PER_BYTE_BOUND = 2.6
 
