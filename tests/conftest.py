@@ -20,6 +20,11 @@ from llmkit.testing import build_tiny_model
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
+# Defaults follow the CPU's bf16 support, which differs between machines: tests see a CPU without it
+# unless they ask otherwise (tests/test_precision.py), so every machine computes the same numbers.
+# Set here, not only per test: module- and session-scoped fixtures run before function-scoped ones.
+os.environ["LLMKIT_CPU_BF16"] = "0"
+
 
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -32,9 +37,7 @@ def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
     monkeypatch.delenv("LLMKIT_MODEL", raising=False)
     monkeypatch.delenv("LLMKIT_DEBUG", raising=False)
-    # Defaults follow the CPU's bf16 support, which differs between machines: tests see a CPU without
-    # it unless they ask otherwise (tests/test_precision.py), so every machine runs the same numbers.
-    monkeypatch.setenv("LLMKIT_CPU_BF16", "0")
+    monkeypatch.setenv("LLMKIT_CPU_BF16", "0")  # back to the default, whatever a test changed
 
 
 @pytest.fixture(scope="session")
