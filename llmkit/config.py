@@ -161,6 +161,10 @@ class PerplexityConfig:
         _check(self.batch_size >= 1, "--batch-size must be at least 1")
 
 
+LORA_R = 16
+LORA_DROPOUT = 0.05
+LORA_TARGETS = "c_attn,c_proj,c_fc"  # GPT-2's attention (c_attn, c_proj) and MLP (c_fc, c_proj) projections
+
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 Schedule = Literal["cosine", "linear", "constant"]
 OptimizerName = Literal["adamw", "muon"]
@@ -206,7 +210,7 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     lr: float | None = None
-    """Peak learning rate; None: 5e-5 fine-tuning, 6e-4 from scratch."""
+    """Peak learning rate; None: 5e-5 fine-tuning, 2e-4 with --lora, 6e-4 from scratch."""
     weight_decay: float = 0.01
     """Decay on matrices (none on biases and LayerNorm weights); Muon's matrices too."""
     optimizer: OptimizerName | None = None
@@ -223,6 +227,18 @@ class TrainConfig:
     """auto: bf16 autocast where the device computes bf16 natively (GPUs, CPUs with avx512_bf16
     or AMX), else fp32 (no)."""
     gradient_checkpointing: bool = False
+    lora: bool = False
+    """Train LoRA adapters (PEFT) on a frozen model instead of every weight; OUT is an adapter."""
+    lora_r: int | None = None
+    """Adapter rank; None: 16 with --lora."""
+    lora_alpha: float | None = None
+    """Adapter scale numerator (the update is scaled by alpha / r); None: 2 × r with --lora."""
+    lora_dropout: float | None = None
+    """Dropout on the adapters' input; None: 0.05 with --lora."""
+    lora_targets: str | None = None
+    """Comma-separated names of the layers to adapt; None: GPT-2's attention and MLP projections."""
+    merge: bool = False
+    """With --lora: save the full model with the adapters merged in, instead of the adapter."""
     compile: bool = False
     """torch.compile the model (in place): a slower start, faster steps on GPUs."""
     seed: int = 0
@@ -314,6 +330,36 @@ class TrainConfig:
         )
         if self.n_embd is not None and self.n_head is not None:
             _check(self.n_embd % self.n_head == 0, "--n-embd must be divisible by --n-head")
+        self._check_lora()
+
+    def _check_lora(self) -> None:
+        """Validate the LoRA options, then fill in their defaults, so a saved config says what ran."""
+        given = {
+            "--lora-r": self.lora_r is not None,
+            "--lora-alpha": self.lora_alpha is not None,
+            "--lora-dropout": self.lora_dropout is not None,
+            "--lora-targets": self.lora_targets is not None,
+            "--merge": self.merge,
+        }
+        for option, is_given in given.items():
+            _check(self.lora or not is_given, f"{option} needs --lora", "add --lora to train adapters")
+        if not self.lora:
+            return
+        _check(
+            not self.from_scratch,
+            "--lora cannot be combined with --from-scratch",
+            "adapters adapt pretrained weights: drop one of the two",
+        )
+        self.lora_r = LORA_R if self.lora_r is None else self.lora_r
+        _check(self.lora_r >= 1, "--lora-r must be at least 1")
+        self.lora_alpha = float(2 * self.lora_r) if self.lora_alpha is None else self.lora_alpha
+        _check(self.lora_alpha > 0, "--lora-alpha must be positive")
+        self.lora_dropout = LORA_DROPOUT if self.lora_dropout is None else self.lora_dropout
+        _check(0 <= self.lora_dropout < 1, "--lora-dropout must be in [0, 1)")
+        targets = LORA_TARGETS if self.lora_targets is None else self.lora_targets
+        # One spelling, so a resume with `c_attn, c_fc` compares equal to `c_attn,c_fc`.
+        self.lora_targets = ",".join(t.strip() for t in targets.split(",") if t.strip())
+        _check(bool(self.lora_targets), "--lora-targets names no layer", "e.g. --lora-targets c_attn,c_proj")
 
     @property
     def resuming(self) -> bool:
@@ -329,4 +375,6 @@ class TrainConfig:
     def peak_lr(self) -> float:
         if self.lr is not None:
             return self.lr
+        if self.lora:
+            return 2e-4  # the LoRA paper's rate for GPT-2: a few small matrices, starting from zero
         return 6e-4 if self.from_scratch else 5e-5

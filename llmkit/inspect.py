@@ -7,8 +7,9 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from llmkit import lora
 from llmkit.config import LoadConfig
-from llmkit.models import context_length, pick_device, pick_dtype, resolve
+from llmkit.models import ModelSource, context_length, pick_device, pick_dtype, resolve
 
 SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
@@ -41,13 +42,14 @@ def describe(cfg: LoadConfig) -> dict[str, Any]:
     from transformers import AutoConfig
 
     source = resolve(cfg.model, offline=cfg.offline, allow_pickle=cfg.allow_pickle)
-    config = AutoConfig.from_pretrained(source.path, local_files_only=True, trust_remote_code=False)
+    config = AutoConfig.from_pretrained(source.model_dir, local_files_only=True, trust_remote_code=False)
     device = pick_device(cfg.device)
     dtype, why = pick_dtype(cfg.dtype, device)
-    parameters, stored = weight_stats(source.path)
+    parameters, stored = weight_stats(source.model_dir)  # an adapter's merged model has its base's
     size = sum(p.stat().st_size for p in source.path.iterdir() if p.is_file())
     return {
         "model": cfg.model,
+        **adapter_details(source),
         "architecture": (config.architectures or [config.model_type])[0],
         "model_type": config.model_type,
         "parameters": parameters,
@@ -62,5 +64,22 @@ def describe(cfg: LoadConfig) -> dict[str, Any]:
         "size_on_disk": size,
         "source": source.origin,
         "path": str(source.path),
+        **({"base_path": str(source.model_dir)} if source.base is not None else {}),
         "device": str(device),
+    }
+
+
+def adapter_details(source: ModelSource) -> dict[str, Any]:
+    """For a LoRA adapter: what it is and what it adapts; nothing for a plain model."""
+    if source.base is None:
+        return {}
+    config = lora.read_config(source.path, source.name)
+    targets, alpha = config.get("target_modules"), config.get("lora_alpha")
+    return {
+        "adapter": "LoRA",
+        "base_model": config["base_model_name_or_path"],
+        "lora_r": config.get("r"),
+        "lora_alpha": int(alpha) if isinstance(alpha, float) and alpha.is_integer() else alpha,
+        "lora_targets": ", ".join(sorted(targets)) if isinstance(targets, list) else targets,
+        "adapter_parameters": weight_stats(source.path)[0],
     }

@@ -7,11 +7,12 @@ from typing import Any
 
 def render(meta: dict[str, Any]) -> str:
     cfg, data, metrics = meta["config"], meta["data"], meta["metrics"]
-    how = "trained from scratch using the configuration of" if cfg["from_scratch"] else "fine-tuned from"
+    adapter = bool(cfg.get("lora")) and not cfg["merge"]
     ppl = metrics.get("val_perplexity")
     rows = [
         ("base model", f"`{cfg['model']}`"),
         ("parameters", f"{meta['parameters']:,}"),
+        *_lora_rows(meta),
         (
             "data",
             f"{data['documents']:,} documents, {data['tokens']:,} tokens "
@@ -35,14 +36,18 @@ def render(meta: dict[str, Any]) -> str:
         ("seed", str(cfg["seed"])),
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    front = (
+        "library_name: peft\ntags: [llmkit, gpt2, lora, text-generation]"
+        if adapter
+        else "library_name: transformers\ntags: [llmkit, gpt2, text-generation]"
+    )
     return f"""---
-library_name: transformers
-tags: [llmkit, gpt2, text-generation]
+{front}
 ---
 
 # {meta["name"]}
 
-A causal language model {how} `{cfg["model"]}` with
+{_what(cfg)} `{cfg["model"]}` with
 [llmkit](https://pypi.org/project/llmkit/) {meta["versions"]["llmkit"]}.
 
 | | |
@@ -57,8 +62,41 @@ $ llmkit generate -m {meta["name"]} "Your prompt"
 ```
 
 ```python
-from transformers import pipeline
-
-generator = pipeline("text-generation", model="{meta["name"]}")
+{_python_usage(meta["name"], adapter)}
 ```
 """
+
+
+def _what(cfg: dict[str, Any]) -> str:
+    if cfg.get("lora"):
+        if not cfg["merge"]:
+            return "A LoRA adapter for"
+        return "A causal language model fine-tuned with LoRA (adapters merged in) from"
+    if cfg["from_scratch"]:
+        return "A causal language model trained from scratch using the configuration of"
+    return "A causal language model fine-tuned from"
+
+
+def _lora_rows(meta: dict[str, Any]) -> list[tuple[str, str]]:
+    cfg = meta["config"]
+    if not cfg.get("lora"):
+        return []
+    targets = ", ".join(cfg["lora_targets"].split(","))
+    return [
+        (
+            "LoRA",
+            f"r {cfg['lora_r']}, alpha {cfg['lora_alpha']:g}, dropout {cfg['lora_dropout']:g} on {targets}",
+        ),
+        ("adapter parameters", f"{meta['adapter_parameters']:,}" + (" (merged)" if cfg["merge"] else "")),
+    ]
+
+
+def _python_usage(name: str, adapter: bool) -> str:
+    if adapter:
+        # PEFT finds the base model from base_model_name_or_path in adapter_config.json.
+        return f"""from peft import AutoPeftModelForCausalLM
+
+model = AutoPeftModelForCausalLM.from_pretrained("{name}")"""
+    return f"""from transformers import pipeline
+
+generator = pipeline("text-generation", model="{name}")"""

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llmkit import lora
 from llmkit.config import LoadConfig
 from llmkit.errors import ModelError
 
@@ -21,6 +22,7 @@ PICKLE_PATTERNS = ("pytorch_model*.bin", "pytorch_model.bin.index.json")
 # Everything a GPT-2-style checkpoint needs, and nothing else (no TF/Flax/ONNX copies).
 HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken", *SAFETENSORS_PATTERNS]
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+MAX_ADAPTER_DEPTH = 8  # adapters of adapters; deeper is a loop in base_model_name_or_path
 NO_CACHE_HINT = "pass a local directory with --model, or connect once to download it"
 
 
@@ -31,6 +33,25 @@ class ModelSource:
     name: str
     path: Path
     origin: str  # "local directory" | "built-in" | "hub cache"
+    base: ModelSource | None = None
+    """For a LoRA adapter at `path`: the model it adapts, found by the same rules as --model."""
+
+    @property
+    def model_dir(self) -> Path:
+        """The directory with config.json and the base weights (an adapter's base's, however deep)."""
+        return self.path if self.base is None else self.base.model_dir
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        """An adapter's own tokenizer if it saved one, else its base's."""
+        if self.base is None or has_tokenizer(self.path):
+            return self.path
+        return self.base.tokenizer_dir
+
+    @property
+    def adapters(self) -> list[Path]:
+        """Adapter directories to apply to the model in `model_dir`, innermost first."""
+        return [] if self.base is None else [*self.base.adapters, self.path]
 
 
 @dataclass
@@ -71,9 +92,11 @@ def resolve(
     allow_pickle: bool = False,
     weights: bool = True,
     tokenizer: bool = True,
+    _depth: int = 0,
 ) -> ModelSource:
     """Map --model to a directory on disk: a local directory, a built-in model, or the hub cache.
 
+    A LoRA adapter directory resolves to itself with its base model resolved in turn (`base`).
     `weights=False` is for runs that only need the config and tokenizer (training from scratch);
     `tokenizer=False` for those that bring their own tokenizer too.
     """
@@ -90,7 +113,36 @@ def resolve(
     else:
         source = ModelSource(name, _from_hub(name, offline=offline, allow_pickle=allow_pickle), "hub cache")
     check_model_dir(source.path, allow_pickle=allow_pickle, name=name, weights=weights, tokenizer=tokenizer)
+    if lora.is_adapter_dir(source.path):
+        return _with_base(source, offline, allow_pickle, weights=weights, tokenizer=tokenizer, depth=_depth)
     return source
+
+
+def _with_base(
+    adapter: ModelSource, offline: bool, allow_pickle: bool, *, weights: bool, tokenizer: bool, depth: int
+) -> ModelSource:
+    """An adapter's source with its base model found as --model would find it."""
+    base_name = lora.read_config(adapter.path, adapter.name)["base_model_name_or_path"]
+    if depth >= MAX_ADAPTER_DEPTH:
+        raise ModelError(
+            f"{adapter.name}: adapters of adapters more than {MAX_ADAPTER_DEPTH} deep",
+            f"check base_model_name_or_path in {lora.CONFIG_FILE}: it may loop back",
+        )
+    try:
+        base = resolve(
+            base_name,
+            offline=offline,
+            allow_pickle=allow_pickle,
+            weights=weights,
+            tokenizer=tokenizer and not has_tokenizer(adapter.path),
+            _depth=depth + 1,
+        )
+    except ModelError as exc:
+        if depth:
+            raise  # said once, by the adapter the user named
+        message = f"{adapter.name} is a LoRA adapter for {base_name}: {exc.message}"
+        raise ModelError(message, exc.hint) from None
+    return replace(adapter, base=base)
 
 
 def _from_hub(repo_id: str, *, offline: bool, allow_pickle: bool) -> Path:
@@ -105,7 +157,7 @@ def _from_hub(repo_id: str, *, offline: bool, allow_pickle: bool) -> Path:
     looks_like_path = repo_id.startswith((".", "/", "~")) or repo_id.count("/") > 1
     if looks_like_path:
         raise ModelError(f"{repo_id}: no such directory", "check the path, or pass a hub id such as gpt2")
-    patterns = HUB_PATTERNS + (list(PICKLE_PATTERNS) if allow_pickle else [])
+    patterns = HUB_PATTERNS + ([*PICKLE_PATTERNS, lora.PICKLE_WEIGHTS] if allow_pickle else [])
     try:
         return Path(
             snapshot_download(
@@ -140,6 +192,9 @@ def check_model_dir(
 ) -> None:
     """Refuse what we can't or shouldn't load before transformers gets a chance to fail obscurely."""
     label = name or str(path)
+    if lora.is_adapter_dir(path):
+        lora.check_dir(path, allow_pickle=allow_pickle, label=label, weights=weights)
+        return  # the base model is checked when resolve() finds it; the tokenizer may be either's
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         raise ModelError(
@@ -258,25 +313,11 @@ def load_tokenizer(path: Path, label: str) -> PreTrainedTokenizerBase:
 
 def load(cfg: LoadConfig) -> LoadedModel:
     """Resolve, check and load a model and its tokenizer onto the chosen device."""
-    from transformers import AutoModelForCausalLM
-
     device = pick_device("cpu" if cfg.quantize else cfg.device)
     dtype, why = pick_dtype("float32" if cfg.quantize else cfg.dtype, device)
     source = resolve(cfg.model, offline=cfg.offline, allow_pickle=cfg.allow_pickle)
-    tokenizer = load_tokenizer(source.path, cfg.model)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source.path,
-            dtype=dtype,
-            local_files_only=True,
-            trust_remote_code=False,
-            use_safetensors=None if cfg.allow_pickle else True,
-        )
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelError(
-            f"{cfg.model}: cannot load the model: {exc}",
-            "the weights may be incomplete or corrupt; save the model again",
-        ) from None
+    tokenizer = load_tokenizer(source.tokenizer_dir, cfg.model)
+    model = load_weights(source, cfg.model, dtype=dtype, allow_pickle=cfg.allow_pickle)
     model.to(device)
     model.eval()
     if cfg.quantize == "int8":
@@ -284,3 +325,31 @@ def load(cfg: LoadConfig) -> LoadedModel:
 
         model = int8_dynamic(model)
     return LoadedModel(model, tokenizer, device, dtype, source, why)
+
+
+def load_weights(
+    source: ModelSource, label: str, *, dtype: torch.dtype | str, allow_pickle: bool, **config: Any
+) -> PreTrainedModel:
+    """The model of a resolved source (for an adapter: its base with the adapter merged in), on the CPU.
+
+    `config` overrides settings of the model's config (dropout, for training).
+    """
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.model_dir,
+            dtype=dtype,
+            local_files_only=True,
+            trust_remote_code=False,
+            use_safetensors=None if allow_pickle else True,
+            **config,
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelError(
+            f"{label}: cannot load the model: {exc}",
+            "the weights may be incomplete or corrupt; save the model again",
+        ) from None
+    for adapter in source.adapters:
+        model = lora.merge_into(model, adapter, label)
+    return model

@@ -28,6 +28,7 @@ SAFE = {
     "allow_pickle",
     "overwrite",
     "save_dtype",
+    "merge",  # how OUT is written at the end (adapter or merged model), not what is trained
 }
 # Not settings of the run at all (where it is, how it was started); the data is compared by fingerprint.
 IGNORED = {"output", "resume", "resume_from", "force", "data", "val_file"}

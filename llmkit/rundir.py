@@ -1,7 +1,8 @@
 """The output directory of a training run: claiming it, metrics, and a final save that is atomic.
 
-OUT only becomes a model directory (config.json present) after the weights and tokenizer are in
-place, and `llmkit.json` is written last: a run killed mid-save never leaves OUT looking complete.
+OUT only becomes a model directory (config.json present; adapter_config.json for a LoRA adapter)
+after the weights and tokenizer are in place, and `llmkit.json` is written last: a run killed
+mid-save never leaves OUT looking complete.
 """
 
 from __future__ import annotations
@@ -21,11 +22,14 @@ METADATA = "llmkit.json"
 METRICS = "metrics.jsonl"
 CARD = "README.md"
 CHECKPOINTS = "checkpoints"
+# What makes a directory a model (or a LoRA adapter) to llmkit, transformers and PEFT.
+MARKERS = ("config.json", "adapter_config.json")
 MODEL_FILES = (
     "config.json",
     "generation_config.json",
     "model.safetensors",
     "model.safetensors.index.json",
+    "adapter_model.safetensors",
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -52,7 +56,7 @@ def claim(path: Path, *, overwrite: bool) -> None:
                 "pick another -o, or pass --overwrite to replace the model files in it",
             )
         # Remove what an earlier run left, config.json first so OUT stops looking like a finished model.
-        for name in ("config.json", METADATA, *MODEL_FILES, METRICS, CARD):
+        for name in (*MARKERS, METADATA, *MODEL_FILES, METRICS, CARD):
             (path / name).unlink(missing_ok=True)
         for stale in [*path.glob(TEMP_PREFIX + "*"), path / CHECKPOINTS]:
             shutil.rmtree(stale, ignore_errors=True)  # a fresh run must never resume into an older one
@@ -86,22 +90,28 @@ class MetricsLog:
         self.file.close()
 
 
-def save_final(out: Path, model: Any, tokenizer: Any, metadata: dict[str, Any], card: str) -> None:
-    """Write the model to a temporary sibling, then move it in: weights and tokenizer, config, metadata."""
+def save_final(
+    out: Path, model: Any, tokenizer: Any, metadata: dict[str, Any], card: str, **save_options: Any
+) -> None:
+    """Write the model to a temporary sibling, then move it in: weights and tokenizer, config, metadata.
+
+    `model` may be a PEFT adapter; `save_options` go to its save_pretrained.
+    """
     tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=out))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **save_options)
         tokenizer.save_pretrained(tmp)
-        (tmp / CARD).write_text(card, encoding="utf-8")
+        (tmp / CARD).write_text(card, encoding="utf-8")  # replaces any card save_pretrained wrote
         (tmp / METADATA).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
-        last = ("config.json", METADATA)
+        last = (*MARKERS, METADATA)
         for file in sorted(tmp.iterdir()):
             if file.name not in last:
                 os.replace(file, out / file.name)
         fault("final-save")
         for name in last:
-            _fsync(tmp / name)
-            os.replace(tmp / name, out / name)
+            if (tmp / name).is_file():
+                _fsync(tmp / name)
+                os.replace(tmp / name, out / name)
     except OSError as exc:
         raise OutputError(
             f"could not save the model to {out}: {exc.strerror or exc}",

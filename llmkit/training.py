@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from llmkit.data import PreparedData
+    from llmkit.models import ModelSource
 
 
 # -- events ------------------------------------------------------------------------------------------
@@ -46,6 +47,8 @@ class Plan:
     mixed_precision: str
     optimizer: str
     parameters: int
+    trainable: int
+    """Parameters the optimizer updates: all of them, or the adapters' with --lora."""
     lr: float
     warmup_steps: int
 
@@ -169,10 +172,8 @@ def _check_tracker(name: str | None) -> None:
 
 
 def _build_model(cfg: TrainConfig) -> tuple[Any, Any]:
-    """(model, tokenizer): pretrained weights, or a fresh model from the base config."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from llmkit.models import has_tokenizer, load_tokenizer, resolve
+    """(model, tokenizer): pretrained weights (with LoRA adapters to train), or a fresh model."""
+    from llmkit.models import load_weights, resolve
 
     # gpt2's architecture is transformers' GPT2Config default: training it from scratch with a tokenizer
     # of one's own needs nothing from the hub.
@@ -189,6 +190,23 @@ def _build_model(cfg: TrainConfig) -> tuple[Any, Any]:
             weights=not cfg.from_scratch,
             tokenizer=cfg.tokenizer is None,
         )
+    tokenizer = _tokenizer(cfg, source)
+    dropout = {} if cfg.dropout is None else dict.fromkeys(DROPOUT_KEYS, cfg.dropout)
+    if cfg.from_scratch:
+        return _fresh_model(cfg, source, tokenizer, dropout), tokenizer
+    assert source is not None
+    # An adapter given as the base arrives merged into its own base: a model like any other.
+    model = load_weights(source, cfg.model, dtype="float32", allow_pickle=cfg.allow_pickle, **dropout)
+    if cfg.lora:
+        from llmkit import lora
+
+        model = lora.wrap(model, cfg, base=lora.base_reference(source))
+    return model, tokenizer
+
+
+def _tokenizer(cfg: TrainConfig, source: ModelSource | None) -> Any:
+    from llmkit.models import has_tokenizer, load_tokenizer
+
     if cfg.tokenizer is not None:
         tok_dir = Path(cfg.tokenizer)
         if not (tok_dir.is_dir() and has_tokenizer(tok_dir)):
@@ -199,29 +217,27 @@ def _build_model(cfg: TrainConfig) -> tuple[Any, Any]:
         tokenizer = load_tokenizer(tok_dir, cfg.tokenizer)
     else:
         assert source is not None
-        tokenizer = load_tokenizer(source.path, cfg.model)
+        tokenizer = load_tokenizer(source.tokenizer_dir, cfg.model)
     if tokenizer.eos_token_id is None:
         raise ModelError(
             f"the tokenizer of {cfg.tokenizer or cfg.model} has no end-of-text token",
             "documents are joined with it; train one with llmkit train-tokenizer",
         )
-    dropout = {} if cfg.dropout is None else dict.fromkeys(DROPOUT_KEYS, cfg.dropout)
-    if not cfg.from_scratch:
-        assert source is not None
-        model = AutoModelForCausalLM.from_pretrained(
-            source.path,
-            dtype="float32",
-            local_files_only=True,
-            use_safetensors=None if cfg.allow_pickle else True,
-            **dropout,
-        )
-        return model, tokenizer
+    return tokenizer
+
+
+def _fresh_model(
+    cfg: TrainConfig, source: ModelSource | None, tokenizer: Any, dropout: dict[str, float]
+) -> Any:
+    """Random weights in the base model's shape, with the from-scratch overrides."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     if source is None:
         from transformers import GPT2Config
 
         config = GPT2Config()
     else:
-        config = AutoConfig.from_pretrained(source.path, local_files_only=True)
+        config = AutoConfig.from_pretrained(source.model_dir, local_files_only=True)
     overrides = {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd, **dropout}
     for key, value in overrides.items():
         if value is not None:
@@ -238,7 +254,26 @@ def _build_model(cfg: TrainConfig) -> tuple[Any, Any]:
         tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     )
     config.eos_token_id = tokenizer.eos_token_id
-    return AutoModelForCausalLM.from_config(config), tokenizer
+    return AutoModelForCausalLM.from_config(config)
+
+
+def _checkpointing(model: Any, enable: bool) -> None:
+    """Activation checkpointing on or off, non-reentrant.
+
+    The reentrant variant passes gradients only through inputs that require them, and with --lora the
+    frozen embeddings' output doesn't: the adapters would get none. (transformers 5.24 also marks that
+    output as requiring grad; this holds without it.) 5.24 has new names; the old ones warn there.
+    """
+    kwargs = {"use_reentrant": False}
+    if not hasattr(model, "activation_checkpointing_enable"):  # older transformers
+        if enable:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_disable()
+    elif enable:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.activation_checkpointing_disable()
 
 
 def _optimizers(model: Any, cfg: TrainConfig, device_type: str, name: str) -> list[torch.optim.Optimizer]:
@@ -408,7 +443,7 @@ class Trainer:
             before = {**saved, "config": {**saved["config"], **{k: v for k, v in chosen.items() if v}}}
             tolerated = resume.check(before, current, data.fingerprint, world, cfg.force)
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            _checkpointing(model, enable=True)
             model.config.use_cache = False
         if cfg.compile:
             # In place, so parameter names in checkpoints and OUT stay as without --compile (a wrapper
@@ -455,6 +490,7 @@ class Trainer:
             acc.mixed_precision,
             self.optimizer_name,
             sum(p.numel() for p in acc.unwrap_model(model).parameters()),
+            sum(p.numel() for p in acc.unwrap_model(model).parameters() if p.requires_grad),
             cfg.peak_lr,
             warmup,
         )
@@ -738,11 +774,10 @@ class Trainer:
         cfg, plan = self.cfg, self.plan
         model = self.acc.unwrap_model(self.model)
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_disable()
+            _checkpointing(model, enable=False)
             model.config.use_cache = True
+        model, save_options, adapter = self._adapter_output(model)
         if cfg.save_dtype != "float32":
-            import torch
-
             model = model.to(getattr(torch, cfg.save_dtype))  # training is over: halve the file
         meta = {
             "name": self.out.name,
@@ -754,7 +789,8 @@ class Trainer:
             "effective_batch": plan.effective_batch,
             "processes": plan.processes,
             "total_steps": plan.total_steps,
-            "parameters": plan.parameters,
+            "parameters": plan.parameters - (plan.trainable if cfg.lora else 0),  # the base's, with LoRA
+            **adapter,
             "data": self.data.stats(),
             "metrics": {**final.record(), "seconds": round(seconds, 2)},
             "versions": {
@@ -762,9 +798,32 @@ class Trainer:
                 "torch": torch.__version__,
                 "transformers": transformers.__version__,
                 "accelerate": accelerate.__version__,
+                **_peft_version(cfg),
             },
         }
-        rundir.save_final(self.out, model, self.tokenizer, meta, modelcard.render(meta))
+        rundir.save_final(self.out, model, self.tokenizer, meta, modelcard.render(meta), **save_options)
+
+    def _adapter_output(self, model: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        """With --lora: (what to save, save_pretrained options, what llmkit.json adds about it)."""
+        cfg = self.cfg
+        if not cfg.lora:
+            return model, {}, {}
+        meta = {
+            "base_model": model.peft_config["default"].base_model_name_or_path,
+            "adapter_parameters": self.plan.trainable,
+        }
+        if cfg.merge:
+            return model.merge_and_unload(), {}, meta
+        # The adapters alone: no embedding copies, as the vocabulary is the base's ("auto" asks the hub).
+        return model, {"save_embedding_layers": False}, meta
+
+
+def _peft_version(cfg: TrainConfig) -> dict[str, str]:
+    if not cfg.lora:
+        return {}
+    import peft
+
+    return {"peft": peft.__version__}
 
 
 def _truncate_metrics(out: Path, step: int) -> dict[str, Any] | None:

@@ -16,8 +16,12 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
 
     quiet_transformers(out.settings.verbose)
     lm = load(cfg)
+    base, adapter = lm.source.base, ""
+    if base is not None:
+        where = base.name if base.name == str(base.model_dir) else f"{base.name} ({base.model_dir})"
+        adapter = f", a LoRA adapter merged into {where}"
     out.detail(
-        f"model {lm.source.name} ({lm.source.origin}: {lm.source.path}) on {lm.device}, "
+        f"model {lm.source.name} ({lm.source.origin}: {lm.source.path}{adapter}) on {lm.device}, "
         f"{str(lm.dtype).removeprefix('torch.')} ({lm.dtype_reason})"
         f"{', int8 weights' if cfg.quantize else ''}"
     )
@@ -28,11 +32,17 @@ def load_tokenizer_only(cfg: LoadConfig):
     """For commands that need no weights: resolve and check the model, load just its tokenizer."""
     from pathlib import Path
 
+    from llmkit.lora import is_adapter_dir
     from llmkit.models import CONFIG_FILE, has_tokenizer, load_tokenizer, quiet_transformers, resolve
 
     quiet_transformers(out.settings.verbose)
     bare = Path(cfg.model)
-    if bare.is_dir() and has_tokenizer(bare) and not (bare / CONFIG_FILE).is_file():
+    if (
+        bare.is_dir()
+        and has_tokenizer(bare)
+        and not (bare / CONFIG_FILE).is_file()
+        and not is_adapter_dir(bare)
+    ):
         return load_tokenizer(bare, cfg.model)  # a tokenizer directory, e.g. from train-tokenizer
     source = resolve(cfg.model, offline=cfg.offline, allow_pickle=cfg.allow_pickle)
-    return load_tokenizer(source.path, cfg.model)
+    return load_tokenizer(source.tokenizer_dir, cfg.model)

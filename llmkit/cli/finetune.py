@@ -21,6 +21,7 @@ from llmkit.cli._options import (
 EXAMPLES = """\b
 Examples:
   llmkit finetune poems.txt -o poems-gpt2 -m gpt2 --epochs 3
+  llmkit finetune notes.txt -o notes-lora -m gpt2 --lora --lora-r 8
   llmkit finetune corpus/ -o tiny --from-scratch -m gpt2 --tokenizer my-bpe --n-layer 4 --n-embd 256
   torchrun --nproc-per-node 4 -m llmkit finetune data.jsonl -o out --batch-size 8
 """
@@ -101,7 +102,9 @@ def finetune(
     lr: Annotated[
         float | None,
         typer.Option(
-            "--lr", help="Peak learning rate (default 5e-5; 6e-4 from scratch).", show_default=False
+            "--lr",
+            help="Peak learning rate (default 5e-5; 2e-4 with --lora; 6e-4 from scratch).",
+            show_default=False,
         ),
     ] = None,
     weight_decay: Annotated[
@@ -138,6 +141,39 @@ def finetune(
     ] = "auto",
     gradient_checkpointing: Annotated[
         bool, typer.Option("--gradient-checkpointing", help="Trade compute for memory.")
+    ] = False,
+    lora: Annotated[
+        bool,
+        typer.Option(
+            "--lora",
+            help="Train LoRA adapters on the frozen model instead of every weight; OUT is an adapter.",
+        ),
+    ] = False,
+    lora_r: Annotated[
+        int | None, typer.Option("--lora-r", help="LoRA rank (default 16).", show_default=False)
+    ] = None,
+    lora_alpha: Annotated[
+        float | None,
+        typer.Option(
+            "--lora-alpha", help="LoRA alpha; updates scale by alpha / r (default 2 × r).", show_default=False
+        ),
+    ] = None,
+    lora_dropout: Annotated[
+        float | None,
+        typer.Option(
+            "--lora-dropout", help="Dropout on the adapters' input (default 0.05).", show_default=False
+        ),
+    ] = None,
+    lora_targets: Annotated[
+        str | None,
+        typer.Option(
+            "--lora-targets",
+            help="Comma-separated layers to adapt (default c_attn,c_proj,c_fc: GPT-2's attention and MLP).",
+            show_default=False,
+        ),
+    ] = None,
+    merge: Annotated[
+        bool, typer.Option("--merge", help="With --lora: save the full model with the adapters merged in.")
     ] = False,
     compile: Annotated[
         bool,
@@ -307,7 +343,7 @@ class _View:
         self._print(
             f"plan: {p.steps_per_epoch:,} steps per epoch, {p.total_steps:,} steps, effective batch "
             f"{p.effective_batch} blocks ({p.effective_batch * p.block_size:,} tokens); "
-            f"{p.parameters / 1e6:.1f}M parameters on {p.device} × {p.processes}, precision "
+            f"{p.parameters / 1e6:.1f}M parameters{_trainable(p)} on {p.device} × {p.processes}, precision "
             f"{p.mixed_precision}, {p.optimizer} lr {p.lr:g} with {p.warmup_steps} warm-up steps"
         )
         self.total = p.total_steps
@@ -361,6 +397,12 @@ class _View:
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
+
+
+def _trainable(p: Any) -> str:
+    if p.trainable == p.parameters:
+        return ""
+    return f" ({p.trainable:,} trainable, {p.trainable / p.parameters:.2%})"
 
 
 def _num(value: float | None) -> str:

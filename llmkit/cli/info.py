@@ -17,6 +17,7 @@ EXAMPLES = """\b
 Examples:
   llmkit info -m gpt2
   llmkit info -m ./my-model --format json | jq .parameters
+  llmkit info -m ./my-lora-adapter
 """
 
 
@@ -43,7 +44,7 @@ def info(
 
 
 def _human(key: str, value: object) -> str:
-    if key == "parameters" and isinstance(value, int):
+    if key in ("parameters", "adapter_parameters") and isinstance(value, int):
         return f"{value:,} ({value / 1e6:.1f}M)"
     if key == "size_on_disk" and isinstance(value, int):
         return f"{value / 2**20:.1f} MiB"
