@@ -125,7 +125,8 @@ class Running:
                 break
         else:
             raise RuntimeError(f"{argv[0]} did not start")
-        threading.Thread(target=lambda: self.proc.stderr.read(), daemon=True).start()  # type: ignore[union-attr]
+        self.log: list[str] = []
+        threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()  # type: ignore[arg-type]
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -197,13 +198,13 @@ def main() -> None:
                 *flags,
             ],
             f"http://127.0.0.1:{port}",
-            r"Uvicorn running|Application startup complete",
+            r"Uvicorn running on",  # printed once it listens ("startup complete" comes before the bind)
         )
         try:
             results[label] = measure(label, theirs, model_dir, sequential=False)
         except Exception as exc:  # a baseline that fails is reported, not fatal
-            results[label] = {"error": repr(exc)}
-            print(f"{label}: failed: {exc!r}")
+            results[label] = {"error": repr(exc), "log": theirs.log[-20:]}
+            print(f"{label}: failed: {exc!r}\n" + "".join(theirs.log[-20:]))
         finally:
             theirs.stop()
     rows = [("server", *(f"{c} client{'s' if c > 1 else ''}" for c in CONCURRENCY), "TTFT p50 / p95 at 16")]

@@ -394,3 +394,29 @@ def test_a_failure_while_generating_is_a_500_and_the_server_goes_on(tiny_model: 
             assert http.get("/health").json()["status"] == "ok"
     finally:
         engine.stop()
+
+
+def test_simonw_llm_talks_to_it(srv: Server, tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    llm = shutil.which("llm", path=str(Path(sys.executable).parent))
+    if llm is None:
+        pytest.skip("simonw's llm is not installed")
+    (tmp_path / "extra-openai-models.yaml").write_text(
+        f'- model_id: tiny\n  model_name: tiny\n  api_base: "{srv.url}/v1"\n  api_key_name: tiny\n'
+        "  completion: true\n"
+    )
+    env = {"LLM_USER_PATH": str(tmp_path), "PATH": "", "HOME": str(tmp_path)}
+    subprocess.run([llm, "keys", "set", "tiny", "--value", KEY], check=True, env=env, timeout=60)
+    done = subprocess.run(
+        [llm, "-m", "tiny", "The cat", "-o", "max_tokens", "6", "-o", "temperature", "0", "--no-stream"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    direct = srv.post("/v1/completions", {"prompt": "The cat", "max_tokens": 6, "temperature": 0}, AUTH)[1]
+    assert done.stdout.rstrip("\n") == direct["choices"][0]["text"].rstrip("\n")
