@@ -187,8 +187,6 @@ def completion_run(engine: Engine, req: CompletionRequest, model: str) -> tuple[
     for ids, text in prompts:
         max_tokens = req.max_tokens if req.max_tokens is not None else engine.context - len(ids)
         check_budget(engine, len(ids), max_tokens)
-        if req.logprobs is not None and req.echo and len(ids) > engine.context:
-            raise APIError(400, "prompt longer than the context", param="prompt")
         params = sampling_params(req, max_tokens, req.logprobs, req.echo)
         lengths.append(len(ids))
         for j in range(req.n):

@@ -101,7 +101,8 @@ class Sequence:
             return
         import torch
 
-        context = self._context() if self.sampler.processors or self.sampler.warpers else _EMPTY
+        # Only repetition penalties and warpers read the ids so far; skip building them otherwise.
+        context = self._context() if self.sampler.processors or self.sampler.warpers else None
         scores = self.sampler.adjust(logits[None].clone(), context, len(self.generated))
         token = self.sampler.pick(scores, context)
         self.next_token = token
@@ -175,17 +176,10 @@ class Sequence:
         return len(self.generated)
 
 
-_EMPTY: Any = None
-
-
 class Engine:
     """Owns the model on one worker thread; `submit` and `cancel` are safe from any thread."""
 
     def __init__(self, lm: LoadedModel, max_batch: int = 16) -> None:
-        import torch
-
-        global _EMPTY
-        _EMPTY = torch.zeros((1, 0), dtype=torch.long)
         self.lm = lm
         self.model = lm.model
         self.tokenizer = lm.tokenizer

@@ -74,7 +74,7 @@ class Sampler:
         self.warpers = LogitsProcessorList(warpers)
         self.counts: dict[int, int] = {}
 
-    def adjust(self, logits: torch.Tensor, context: torch.Tensor, generated: int) -> torch.Tensor:
+    def adjust(self, logits: torch.Tensor, context: torch.Tensor | None, generated: int) -> torch.Tensor:
         """Penalties, bias and min_tokens on one row [1, vocab] (float32) given the ids so far [1, n]."""
         p = self.params
         scores = self.processors(context, logits) if self.processors else logits
@@ -87,7 +87,7 @@ class Sampler:
             scores[0, self.eos_ids] = float("-inf")
         return scores
 
-    def pick(self, scores: torch.Tensor, context: torch.Tensor) -> int:
+    def pick(self, scores: torch.Tensor, context: torch.Tensor | None) -> int:
         import torch
 
         if self.params.greedy:
