@@ -37,8 +37,8 @@ def cache(tmp_path: Path) -> Path:
 @pytest.fixture
 def small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
     """Cut plain text into many pieces and batches, so streaming is really exercised."""
-    monkeypatch.setattr(data, "PIECE_CHARS", 48)
-    monkeypatch.setattr(data, "BATCH_CHARS", 150)
+    monkeypatch.setattr("llmkit.data.sources.PIECE_CHARS", 48)
+    monkeypatch.setattr("llmkit.data.cache.BATCH_CHARS", 150)
 
 
 def reference(tokenizer, docs: list[str]) -> list[int]:
@@ -120,7 +120,7 @@ def test_stdin_is_a_document(tmp_path, tokenizer, cache, monkeypatch):
 
 
 def test_read_documents_counts(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "PIECE_CHARS", 40)
+    monkeypatch.setattr("llmkit.data.sources.PIECE_CHARS", 40)
     a = write(tmp_path / "a.txt", TEXT_A)
     b = jsonl(tmp_path / "b.jsonl", RECORDS)
     stats = data.ReadStats()
@@ -353,7 +353,7 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path, tokenizer, cache):
 
 
 def test_strict_errors_name_the_byte_offset(tmp_path, tokenizer, cache, monkeypatch):
-    monkeypatch.setattr(data, "PIECE_CHARS", 16)  # the bad byte is far past the first read
+    monkeypatch.setattr("llmkit.data.sources.PIECE_CHARS", 16)  # the bad byte is far past the first read
     raw = ("é" * 30 + "x" * 7).encode() + b"\xff tail\n"
     a = write(tmp_path / "a.txt", raw)
     with pytest.raises(InputError, match=r"a\.txt: invalid UTF-8 at byte 67$"):

@@ -1,0 +1,122 @@
+"""Text → ids: the tokenizer as the cache sees it, encoded here or in a pool of worker processes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from llmkit.errors import ModelError
+from llmkit.tokens import splits_safely
+
+if TYPE_CHECKING:
+    import numpy as np
+    from transformers import PreTrainedTokenizerBase
+
+
+# -- The tokenizer, seen from the cache's side -----------------------------------------------------
+
+
+def token_dtype(vocab_size: int) -> str:
+    """The numpy dtype that stores ids below `vocab_size`: uint16 up to 65535 entries, else uint32."""
+    return "uint16" if vocab_size <= 65535 else "uint32"
+
+
+@dataclass(frozen=True)
+class _TokenizerSpec:
+    json: str
+    """The backend tokenizer as JSON, with per-call truncation and padding removed."""
+    digest: str
+    eos: int
+    dtype: str
+    split: bool
+    """Whether plain text may be tokenized in pieces (see llmkit.tokens.splits_safely)."""
+
+
+def _tokenizer_spec(tokenizer: PreTrainedTokenizerBase) -> _TokenizerSpec:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ModelError(
+            "preparing data needs a fast tokenizer (one with a tokenizer.json)",
+            "save the tokenizer with a recent transformers, or train one with llmkit",
+        )
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ModelError(
+            "the tokenizer has no end-of-text token to put between documents",
+            "set tokenizer.eos_token, e.g. <|endoftext|>",
+        )
+    spec = json.loads(backend.to_str())
+    spec["truncation"] = spec["padding"] = None
+    text = json.dumps(spec, sort_keys=True, ensure_ascii=False)
+    vocab = backend.get_vocab(with_added_tokens=True)
+    size = max(len(tokenizer), max(vocab.values(), default=0) + 1, eos + 1)
+    return _TokenizerSpec(
+        text, hashlib.sha256(text.encode()).hexdigest(), eos, token_dtype(size), splits_safely(tokenizer)
+    )
+
+
+class _Encoder:
+    """Batches of text → one array of ids, EOS after each document's last piece."""
+
+    def __init__(self, tokenizer_json: str, eos: int, dtype: str) -> None:
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_str(tokenizer_json)
+        self.eos, self.dtype = eos, dtype
+
+    def __call__(self, texts: list[str], ends: list[bool]) -> np.ndarray:
+        import numpy as np
+
+        encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
+        ids: list[int] = []
+        for encoding, end in zip(encode(texts, add_special_tokens=False), ends, strict=True):
+            ids.extend(encoding.ids)
+            if end:
+                ids.append(self.eos)
+        return np.array(ids, dtype=self.dtype)
+
+
+_worker: _Encoder | None = None
+
+
+def _init_worker(tokenizer_json: str, eos: int, dtype: str) -> None:
+    global _worker
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
+    _worker = _Encoder(tokenizer_json, eos, dtype)
+
+
+def _work(texts: list[str], ends: list[bool]) -> np.ndarray:
+    assert _worker is not None
+    return _worker(texts, ends)
+
+
+def _encoded(
+    jobs: Iterator[tuple[list[str], list[bool], int]],
+    spec: _TokenizerSpec,
+    num_proc: int,
+) -> Iterator[tuple[np.ndarray, int]]:
+    """(ids, bytes done) per job, in job order, encoded here or by `num_proc` worker processes."""
+    args = (spec.json, spec.eos, spec.dtype)
+    if num_proc == 1:
+        encoder = _Encoder(*args)
+        for texts, ends, done in jobs:
+            yield encoder(texts, ends), done
+        return
+    import multiprocessing
+
+    # spawn, not fork: the parent may hold torch or tokenizer threads that a fork would copy mid-flight.
+    with multiprocessing.get_context("spawn").Pool(num_proc, _init_worker, args) as pool:
+        pending: deque[tuple[Any, int]] = deque()  # a bounded window: the corpus never queues up whole
+        for texts, ends, done in jobs:
+            pending.append((pool.apply_async(_work, (texts, ends)), done))
+            if len(pending) >= 2 * num_proc:
+                result, at = pending.popleft()
+                yield result.get(), at
+        while pending:
+            result, at = pending.popleft()
+            yield result.get(), at
