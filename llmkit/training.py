@@ -133,6 +133,31 @@ def _accelerator(cfg: TrainConfig, out: Path, saved_precision: str | None) -> tu
     return acc, notice
 
 
+def _check_fsdp(acc: Accelerator, cfg: TrainConfig) -> str | None:
+    """Refuse what FSDP can't do; a notice when the accelerate config asks for FSDP and it isn't on."""
+    import os
+
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type == DistributedType.FSDP:
+        if cfg.lora and cfg.merge:
+            raise UsageError(
+                "--merge is not supported under FSDP: the adapters would be merged into sharded weights",
+                "train without --merge (OUT is then the adapter), and merge it when loading it",
+            )
+        if cfg.sample_every:
+            raise UsageError(
+                "--sample-every is not supported under FSDP: every process would have to generate",
+                "drop --sample-every, and generate from OUT after training",
+            )
+        return None
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and acc.num_processes > 1:
+        # accelerate applies FSDP to GPUs (and other accelerators) only; on the CPU it runs plain data
+        # parallel training, in which OUT and checkpoints are saved as without FSDP.
+        return f"FSDP is not used on {acc.device.type}: each process holds the whole model"
+    return None
+
+
 def _saved_choices(saved: dict[str, Any]) -> dict[str, str | None]:
     """What a checkpoint's run resolved `auto`/default settings to (older checkpoints didn't record it)."""
     precision = saved.get("mixed_precision")
@@ -397,6 +422,7 @@ class Trainer:
         chosen = _saved_choices(saved) if saved is not None else {}
         acc, precision_notice = _accelerator(cfg, self.out, chosen.get("mixed_precision"))
         self.acc = acc
+        fsdp_notice = _check_fsdp(acc, cfg)
         main = acc.is_main_process
         # A resumed run keeps the optimizer its checkpoint was trained with unless told otherwise.
         self.optimizer_name = cfg.optimizer or chosen.get("optimizer") or cfg.optimizer_name
@@ -505,6 +531,8 @@ class Trainer:
             yield plan
             if precision_notice is not None:
                 yield Notice(precision_notice)
+            if fsdp_notice is not None:
+                yield Notice(fsdp_notice)
             if resume_from is not None:
                 yield Notice(f"resuming from {resume_from} at step {state.step}/{total}")
                 for line in tolerated:
@@ -521,11 +549,12 @@ class Trainer:
         acc.wait_for_everyone()
         if cfg.report_to:
             acc.end_training()
+        whole = self._gather_weights()  # under FSDP a collective: every process takes part
         if main:
             assert metrics is not None and self.final is not None
             metrics.close()
             seconds = time.perf_counter() - self.started
-            self._save(self.final, seconds)
+            self._save(self.final, seconds, whole)
             yield Finished(self.out, self.final, state.losses, seconds)
         acc.wait_for_everyone()
         data.close()
@@ -764,7 +793,17 @@ class Trainer:
         finally:
             model.train()
 
-    def _save(self, final: Metrics, seconds: float) -> None:
+    def _gather_weights(self) -> dict[str, Any] | None:
+        """Under FSDP each process holds a shard of every weight: the whole state dict, gathered the
+        accelerate way (the main process gets it). None otherwise: the main process's model is whole."""
+        from accelerate.utils import DistributedType
+
+        if self.acc.distributed_type != DistributedType.FSDP:
+            return None
+        return self.acc.get_state_dict(self.model)
+
+    def _save(self, final: Metrics, seconds: float, whole: dict[str, Any] | None = None) -> None:
+        """The main process writes OUT; `whole` is the gathered state dict under FSDP."""
         import accelerate
         import torch
         import transformers
@@ -777,6 +816,9 @@ class Trainer:
             _checkpointing(model, enable=False)
             model.config.use_cache = True
         model, save_options, adapter = self._adapter_output(model)
+        if whole is not None:
+            # The model's own parameters are shards: save_pretrained writes the gathered ones instead.
+            save_options["state_dict"] = _retied(model, whole, getattr(torch, cfg.save_dtype))
         if cfg.save_dtype != "float32":
             model = model.to(getattr(torch, cfg.save_dtype))  # training is over: halve the file
         meta = {
@@ -816,6 +858,20 @@ class Trainer:
             return model.merge_and_unload(), {}, meta
         # The adapters alone: no embedding copies, as the vocabulary is the base's ("auto" asks the hub).
         return model, {"save_embedding_layers": False}, meta
+
+
+def _retied(model: Any, whole: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """The gathered state dict in `dtype`, with tied weights (GPT-2's lm_head and wte) one tensor again.
+
+    Gathering copies each name's tensor on its own, and transformers finds ties by shared storage: without
+    this, OUT would hold the tied weight twice.
+    """
+    converted = {k: v.to(dtype) if v.is_floating_point() else v for k, v in whole.items()}
+    first: dict[int, str] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name in converted:
+            converted[name] = converted[first.setdefault(id(tensor), name)]
+    return converted
 
 
 def _peft_version(cfg: TrainConfig) -> dict[str, str]:
