@@ -255,6 +255,30 @@ def test_generate_and_perplexity_take_an_adapter(cli, adapter, tiny_model: Path,
     assert json.loads(scored.stdout)["nll"] == pytest.approx(nll, rel=1e-5)
 
 
+def test_serve_takes_an_adapter(adapter, tiny_model: Path) -> None:
+    from serving import Server
+
+    out, _ = adapter
+    model, tok = peft_model(tiny_model, out), AutoTokenizer.from_pretrained(out)
+    ids = tok(PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        plain = model.generate(
+            **ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id
+        )
+    server = Server("-m", out)
+    try:
+        status, body = server.post(
+            "/v1/completions",
+            {"model": "m", "prompt": PROMPT, "max_tokens": 8, "min_tokens": 8, "temperature": 0},
+        )
+        _, models = server.get("/v1/models")
+    finally:
+        assert server.stop() in (0, 143)
+    assert status == 200, body
+    assert body["choices"][0]["text"] == tok.decode(plain[0, ids["input_ids"].shape[1] :])
+    assert models["data"][0]["id"] == str(out)
+
+
 def test_info_and_tokenize_take_an_adapter(cli, adapter, tiny_model: Path) -> None:
     out, _ = adapter
     result = cli("info", "-m", out, "--format", "json")

@@ -1,6 +1,6 @@
 """Continuous batching: every sequence in flight is decoded in one forward pass per step.
 
-One worker thread owns the model and one KV cache whose rows are the live sequences, left-padded
+One worker thread owns the model and one KV cache (kvcache.py) whose rows are the live sequences, left-padded
 so every row's newest token sits in the last column. New requests are prefilled together and
 joined to the batch between steps; finished or cancelled rows leave it at once; columns that are
 padding in every row are trimmed. Each sequence samples with its own RNG and processors
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from llmkit.generation import find_stop, held_back
+from llmkit.serve.kvcache import new_cache
 from llmkit.serve.sampling import Sampler, SamplingParams
 
 if TYPE_CHECKING:
@@ -103,7 +104,7 @@ class Sequence:
 
         # Only repetition penalties and warpers read the ids so far; skip building them otherwise.
         context = self._context() if self.sampler.processors or self.sampler.warpers else None
-        scores = self.sampler.adjust(logits[None].clone(), context, len(self.generated))
+        scores = self.sampler.adjust(logits[None], context, len(self.generated))
         token = self.sampler.pick(scores, context)
         self.next_token = token
         if token in self.engine.eos_ids:
@@ -298,6 +299,7 @@ class Engine:
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
             position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(self.device),
+            cache=new_cache(),
             use_cache=True,
             logits_to_keep=0 if scoring else 1,
         )
@@ -323,7 +325,6 @@ class Engine:
     def _join(self, cache: Any, mask: torch.Tensor, rows: list[Sequence]) -> None:
         """Add prefilled rows to the batch: both sides left-padded to the wider one."""
         import torch
-        from transformers import DynamicCache
 
         if self._cache is None or self._mask is None:
             self._cache, self._mask, self._rows = cache, mask, rows
@@ -345,7 +346,7 @@ class Engine:
             )
             for old, add in zip(self._cache.layers, cache.layers, strict=True)
         ]
-        self._cache = DynamicCache(layers)
+        self._cache = new_cache(layers)
         self._mask = torch.cat([pad(self._mask, 1), pad(mask, 1)])
         self._rows = self._rows + rows
 
@@ -385,5 +386,5 @@ class Engine:
         first = int((self._mask.sum(0) > 0).nonzero()[0])
         if first:
             for layer in self._cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+                layer.trim(first)
             self._mask = self._mask[:, first:]

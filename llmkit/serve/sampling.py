@@ -78,6 +78,9 @@ class Sampler:
         """Penalties, bias and min_tokens on one row [1, vocab] (float32) given the ids so far [1, n]."""
         p = self.params
         scores = self.processors(context, logits) if self.processors else logits
+        edits = p.presence_penalty or p.frequency_penalty or p.logit_bias or generated < p.min_tokens
+        if edits and scores is logits:
+            scores = scores.clone()  # the row is a view of the whole batch's logits: edit a copy
         if p.presence_penalty or p.frequency_penalty:
             for token, count in self.counts.items():
                 scores[0, token] -= p.presence_penalty + p.frequency_penalty * count
