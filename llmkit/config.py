@@ -194,6 +194,13 @@ class TrainConfig:
     block_size: int | None = None
     """Tokens per training block; None: min(model context, 1024)."""
     text_field: str = "text"
+    prompt_field: str | None = None
+    """Prompt/completion records: the JSONL field with the prompt. Giving it (or completion_field)
+    selects that mode; None with both unset: the mode is detected from the first JSONL record."""
+    completion_field: str | None = None
+    """Prompt/completion records: the JSONL field with the completion, the only part learnt."""
+    long_records: str = "error"
+    """A prompt/completion record longer than a block: error (refuse the data) or skip it."""
     glob: str | None = None
     errors: str = "replace"
     num_proc: int = 1
@@ -303,6 +310,7 @@ class TrainConfig:
         _check(0 <= self.val_split < 1, "--val-split must be in [0, 1)")
         _check(self.num_proc >= 1, "--num-proc must be at least 1")
         _check(self.errors in ("strict", "replace"), "--errors must be strict or replace")
+        _check(self.long_records in ("error", "skip"), "--long-records must be error or skip")
         for name in ("eval_every", "sample_every"):
             _check(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be 0 or more")
         _check(self.log_every >= 1, "--log-every must be at least 1")

@@ -51,6 +51,11 @@ class Plan:
     """Parameters the optimizer updates: all of them, or the adapters' with --lora."""
     lr: float
     warmup_steps: int
+    records: int | None = None
+    """Prompt/completion data: the records packed (None for text)."""
+    skipped_records: int = 0
+    padding: float = 0.0
+    """Prompt/completion data: the fraction of block positions that are padding."""
 
 
 @dataclass
@@ -519,6 +524,9 @@ class Trainer:
             sum(p.numel() for p in acc.unwrap_model(model).parameters() if p.requires_grad),
             cfg.peak_lr,
             warmup,
+            records=stats.get("records"),
+            skipped_records=stats.get("skipped_records", 0),
+            padding=stats.get("padding", 0.0),
         )
         self.plan = plan
         if cfg.report_to:
@@ -658,13 +666,19 @@ class Trainer:
         while True:
             acc.step = 0  # accumulation counts from the start of every optimizer step
             total = torch.zeros((), device=acc.device)
+            # Prompt/completion data: every learnt token of the whole step (all micro-batches, all
+            # processes) weighs the same, so each micro-batch's summed loss is divided by their count.
+            learnt = self.data.train.targets(order[base : base + self.global_batch]) if self.pairs else 0
             try:
                 for k in range(state.grad_accum):
                     start = base + (k * world + rank) * state.batch_size
                     rows = order[start : start + state.batch_size]
-                    batch = torch.from_numpy(self.data.train.batch(rows)).to(acc.device)
+                    if self.pairs:
+                        batch = self._pair_batch(self.data.train, rows)
+                    else:
+                        batch = torch.from_numpy(self.data.train.batch(rows)).to(acc.device)
                     with acc.accumulate(self.model), acc.autocast():
-                        loss = self._loss(batch)
+                        loss = self._pair_loss(batch, learnt) if self.pairs else self._loss(batch)
                         total += loss.detach()
                         acc.backward(loss)
                 return total
@@ -693,6 +707,25 @@ class Trainer:
 
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=batch, labels=batch).loss
+
+    @property
+    def pairs(self) -> bool:
+        return self.data.pairs is not None
+
+    def _pair_batch(self, blocks: Any, rows: Any) -> dict[str, torch.Tensor]:
+        """Prompt/completion blocks as model inputs: labels -100 off the completions, and position
+        ids from 0 in each record (transformers then keeps each record's attention to itself)."""
+        import torch
+
+        ids, labels, positions = (torch.from_numpy(a).to(self.acc.device) for a in blocks.arrays(rows))
+        return {"input_ids": ids, "labels": labels, "position_ids": positions, "use_cache": False}
+
+    def _pair_loss(self, batch: dict[str, torch.Tensor], learnt: int) -> torch.Tensor:
+        """The model's summed loss over this micro-batch's completion tokens, scaled so that after
+        accelerate divides by the accumulation steps and DDP averages over processes, the step's
+        gradient is the mean over its `learnt` tokens; logged, it averages like text mode's loss."""
+        share = max(learnt, 1) / (self.state.grad_accum * self.acc.num_processes)
+        return self.model(**batch, num_items_in_batch=share).loss
 
     def _stop_requested(self) -> bool:
         stop = self.stop_signal is not None
@@ -739,6 +772,9 @@ class Trainer:
             num_proc=cfg.num_proc,
             cache_dir=cfg.cache_dir,
             no_cache=cfg.no_cache,
+            prompt_field=cfg.prompt_field,
+            completion_field=cfg.completion_field,
+            long_records=cfg.long_records,
             on_progress=self.on_tokenize if main else None,
         )
 
@@ -754,7 +790,15 @@ class Trainer:
         model.eval()
         with torch.no_grad():
             for i in range(0, len(mine), self.cfg.batch_size):
-                batch = torch.from_numpy(val.batch(mine[i : i + self.cfg.batch_size])).to(acc.device)
+                rows = mine[i : i + self.cfg.batch_size]
+                if self.pairs:  # completion tokens only: the mean over them, weighted by their count
+                    with acc.autocast():
+                        loss = model(**self._pair_batch(val, rows)).loss
+                    n = val.targets(rows)
+                    total += loss.double() * n
+                    count += n
+                    continue
+                batch = torch.from_numpy(val.batch(rows)).to(acc.device)
                 with acc.autocast():
                     loss = model(input_ids=batch, labels=batch).loss
                 n = batch.numel() - batch.size(0)  # each block predicts all but its first token

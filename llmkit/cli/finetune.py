@@ -22,6 +22,7 @@ EXAMPLES = """\b
 Examples:
   llmkit finetune poems.txt -o poems-gpt2 -m gpt2 --epochs 3
   llmkit finetune notes.txt -o notes-lora -m gpt2 --lora --lora-r 8
+  llmkit finetune qa.jsonl -o qa-gpt2 -m gpt2 --prompt-field question --completion-field answer
   llmkit finetune corpus/ -o tiny --from-scratch -m gpt2 --tokenizer my-bpe --n-layer 4 --n-embd 256
   torchrun --nproc-per-node 4 -m llmkit finetune data.jsonl -o out --batch-size 8
 """
@@ -71,6 +72,31 @@ def finetune(
         ),
     ] = None,
     text_field: TextFieldOpt = "text",
+    prompt_field: Annotated[
+        str | None,
+        typer.Option(
+            "--prompt-field",
+            help="Train on JSONL prompt/completion records, the completion only: the prompt's field "
+            "(default prompt; records with prompt and completion and no --text-field are detected).",
+            show_default=False,
+        ),
+    ] = None,
+    completion_field: Annotated[
+        str | None,
+        typer.Option(
+            "--completion-field",
+            help="The completion's field (default completion). Prompt and completion are tokenized apart, "
+            "so the boundary is exact; each record is prompt + completion + EOS.",
+            show_default=False,
+        ),
+    ] = None,
+    long_records: Annotated[
+        str,
+        typer.Option(
+            "--long-records",
+            help="A prompt/completion record longer than --block-size: error, or skip it (counted).",
+        ),
+    ] = "error",
     glob: GlobOpt = None,
     errors: ErrorsOpt = "replace",
     num_proc: Annotated[int, typer.Option("--num-proc", help="Processes for tokenization.")] = 1,
@@ -332,10 +358,16 @@ class _View:
     def _plan(self, p: Any) -> None:
         cache = " (token cache hit)" if p.cache_hits else ""
         docs = f"{p.documents:,} document{'s' if p.documents != 1 else ''}"
+        padding = ""
+        if p.records is not None:
+            docs = f"{p.records:,} prompt/completion record{'s' if p.records != 1 else ''}"
+            padding = f" ({p.padding:.1%} padding)"
         self._print(
             f"data: {docs}, {p.tokens:,} tokens{cache} → {p.train_blocks:,} train / {p.val_blocks:,} "
-            f"validation blocks of {p.block_size}"
+            f"validation blocks of {p.block_size}{padding}"
         )
+        if p.skipped_records:
+            out.warn(f"{p.skipped_records:,} record(s) longer than a block of {p.block_size} were skipped")
         if p.invalid_bytes:
             out.warn(
                 f"{p.invalid_bytes:,} invalid UTF-8 byte(s) were replaced (--errors strict to refuse them)"

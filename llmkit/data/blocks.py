@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from llmkit.data.cache import ProgressFn, TokenData, _tokenize_all
-from llmkit.data.sources import _check_options
-from llmkit.errors import InputError
+from llmkit.data.records import LONG_RECORDS, Packing, RecordBlocks, packed, pair_fields
+from llmkit.data.sources import _check_options, _resolve
+from llmkit.errors import InputError, UsageError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -81,13 +82,15 @@ def collate(blocks: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
 class PreparedData:
     """Train and validation blocks, with what a run should record about them."""
 
-    train: Blocks
-    val: Blocks | None
+    train: Blocks | RecordBlocks
+    val: Blocks | RecordBlocks | None
     """None when val_split is 0, or there was a single block."""
     fingerprint: str
     """The data's identity (content + tokenizer, train and val_file); record it with the run."""
     val_split: float
     seed: int
+    pairs: dict[str, Any] | None = None
+    """Prompt/completion records (RecordBlocks): fields, records, skipped, padding; None for text."""
 
     @property
     def block_size(self) -> int:
@@ -125,6 +128,7 @@ class PreparedData:
             "seed": self.seed,
             "dtype": self.train.data.dtype,
             "cache_hits": self.cache_hits,
+            **(self.pairs or {}),
         }
 
     def close(self) -> None:
@@ -167,6 +171,9 @@ def prepare(
     cache_dir: str | os.PathLike | None = None,
     no_cache: bool = False,
     on_progress: ProgressFn | None = None,
+    prompt_field: str | None = None,
+    completion_field: str | None = None,
+    long_records: str = "error",
 ) -> PreparedData:
     """Tokenize (or find in the cache) and pack the training data, and set validation blocks apart.
 
@@ -174,12 +181,22 @@ def prepare(
     validate; `val_split` is then unused. Else `val_split` of the training blocks are held out (see
     `split_blocks`). The other options are those of `tokenize`. Raises InputError for unusable data,
     less than one block included, and UsageError for bad options.
+
+    Prompt/completion records (see `llmkit.data.records`) when `prompt_field` or `completion_field` is
+    given, or when the first JSONL record has "prompt" and "completion" and no `text_field`: then
+    train and val are RecordBlocks, and a record longer than a block raises InputError, or with
+    `long_records="skip"` is left out.
     """
     import numpy as np
 
     _check_options(
         errors=errors, text_field=text_field, num_proc=num_proc, block_size=block_size, val_split=val_split
     )
+    if long_records not in LONG_RECORDS:
+        raise UsageError(f"unknown --long-records {long_records!r}", "use error or skip")
+    pairs = pair_fields(_resolve(paths, glob), text_field, prompt_field, completion_field)
+    if pairs is not None and (not all(pairs) or pairs[0] == pairs[1]):
+        raise UsageError("the prompt and completion fields must be two different, non-empty names")
     corpora = _tokenize_all(
         paths,
         [val_file] if val_file is not None else [],
@@ -191,9 +208,12 @@ def prepare(
         cache_dir=cache_dir,
         no_cache=no_cache,
         on_progress=on_progress,
+        pairs=pairs,
     )
     train_data = corpora[0]
     try:
+        if pairs is not None:
+            return _prepare_pairs(corpora, block_size, val_file, val_split, seed, long_records)
         if train_data.blocks(block_size) == 0:
             raise _too_small("the training data", train_data, block_size)
         if val_file is not None:
@@ -217,3 +237,43 @@ def prepare(
         for corpus in corpora:
             corpus.close()
         raise
+
+
+def _prepare_pairs(
+    corpora: list[TokenData],
+    block_size: int,
+    val_file: str | None,
+    val_split: float,
+    seed: int,
+    long_records: str,
+) -> PreparedData:
+    """Prompt/completion records packed into blocks, some held out as `prepare` does for text."""
+    import numpy as np
+
+    train_data = corpora[0]
+    train_packing = packed(train_data, block_size, long_records)
+    packings: list[Packing] = [train_packing]
+    if val_file is not None:
+        val_data = corpora[1]
+        val_packing = packed(val_data, block_size, long_records)
+        packings.append(val_packing)
+        train = RecordBlocks(train_data, train_packing, np.arange(train_packing.blocks))
+        val: RecordBlocks | None = RecordBlocks(val_data, val_packing, np.arange(val_packing.blocks))
+        fingerprint = hashlib.sha256(f"{train_data.fingerprint}+{val_data.fingerprint}".encode())
+        fingerprint_text = fingerprint.hexdigest()[:32]
+    else:
+        train_index, val_index = split_blocks(train_packing.blocks, val_split, seed)
+        train = RecordBlocks(train_data, train_packing, train_index)
+        val = RecordBlocks(train_data, train_packing, val_index) if len(val_index) else None
+        fingerprint_text = train_data.fingerprint
+    blocks = sum(p.blocks for p in packings)
+    assert train_data.fields is not None
+    summary = {
+        "prompt_field": train_data.fields[0],
+        "completion_field": train_data.fields[1],
+        "records": sum(len(p.members) for p in packings),
+        "skipped_records": sum(p.skipped for p in packings),
+        "learnt_tokens": int(sum(p.targets.sum() for p in packings)),
+        "padding": round(sum(p.padding for p in packings) / (blocks * block_size), 6),
+    }
+    return PreparedData(train, val, fingerprint_text, val_split, seed, summary)

@@ -12,11 +12,12 @@ import sys
 import tempfile
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from llmkit.data.encoder import _encoded, _tokenizer_spec, _TokenizerSpec
+from llmkit.data.records import _check_sources, _pair_items
 from llmkit.data.sources import STDIN, ReadStats, _check_options, _close, _items, _open, _resolve, _Source
 from llmkit.errors import InputError, OutputError
 
@@ -63,12 +64,28 @@ class TokenData:
     """True when the ids came from the cache and nothing was tokenized."""
     temporary: bool = False
     """The file lives only for this run (no_cache); `close()` removes it."""
+    fields: tuple[str, str] | None = None
+    """Prompt/completion records: their (prompt, completion) fields; None for text documents."""
+    sources: list[str] = field(default_factory=list)
+    """The inputs' labels, in order (record tables name them by index)."""
 
     def array(self) -> np.memmap:
         """All ids, read-only, memory-mapped."""
         import numpy as np
 
         return np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.tokens,))
+
+    def mask(self) -> np.memmap:
+        """Prompt/completion data: per id, 1 where the loss learns it (completion, EOS), 0 on prompts."""
+        import numpy as np
+
+        return np.memmap(self.path.with_suffix(".mask"), dtype=np.uint8, mode="r", shape=(self.tokens,))
+
+    def record_table(self) -> np.ndarray:
+        """Prompt/completion data: per record, (length in ids, input index, line number), int64."""
+        import numpy as np
+
+        return np.fromfile(self.path.with_suffix(".rec"), dtype=np.int64).reshape(self.documents, 3)
 
     def blocks(self, block_size: int) -> int:
         """How many whole blocks of `block_size` the ids make (a shorter tail is dropped)."""
@@ -87,6 +104,7 @@ class _Plan:
     sources: list[_Source]
     sizes: list[int]
     fingerprint: str
+    pairs: tuple[str, str] | None = None
 
     @property
     def bytes(self) -> int:
@@ -126,13 +144,16 @@ def _plan(
     errors: str,
     spool_dir: Path,
     spooled: dict[str, Path],
+    pairs: tuple[str, str] | None = None,
 ) -> _Plan:
     sources = _resolve(paths, glob)
+    if pairs is not None:
+        sources = _check_sources(sources)
     for i, source in enumerate(sources):
         if source.path is None:  # stdin is read once, however often `-` is given
             if STDIN not in spooled:
                 spooled[STDIN] = _spool_stdin(spool_dir)
-            sources[i] = _Source(source.label, spooled[STDIN], False)
+            sources[i] = _Source(source.label, spooled[STDIN], source.jsonl)
     hashed = [_hash(source) for source in sources]
     key = {
         "version": CACHE_VERSION,
@@ -140,14 +161,16 @@ def _plan(
         "eos": spec.eos,
         "dtype": spec.dtype,
         "errors": errors,
-        "text_field": text_field if any(s.jsonl for s in sources) else None,
+        "text_field": text_field if any(s.jsonl for s in sources) and pairs is None else None,
         "inputs": [
             ["jsonl" if s.jsonl else "text", size, digest]
             for s, (size, digest) in zip(sources, hashed, strict=True)
         ],
     }
+    if pairs is not None:  # only here, so that text fingerprints stay what they were
+        key["pairs"] = list(pairs)
     fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-    return _Plan(sources, [size for size, _ in hashed], fingerprint)
+    return _Plan(sources, [size for size, _ in hashed], fingerprint, pairs)
 
 
 def _load_cached(directory: Path, fingerprint: str) -> TokenData | None:
@@ -164,6 +187,11 @@ def _load_cached(directory: Path, fingerprint: str) -> TokenData | None:
             or meta["tokens"] <= 0
         ):
             return None
+        if meta.get("pairs") and (
+            path.with_suffix(".mask").stat().st_size != meta["tokens"]
+            or path.with_suffix(".rec").stat().st_size != meta["documents"] * 3 * 8
+        ):
+            return None
         return TokenData(
             path,
             meta["dtype"],
@@ -173,6 +201,7 @@ def _load_cached(directory: Path, fingerprint: str) -> TokenData | None:
             meta["invalid_bytes"],
             fingerprint,
             cache_hit=True,
+            fields=tuple(meta["pairs"]) if meta.get("pairs") else None,
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -202,6 +231,65 @@ def _jobs(
         yield texts, ends, stats.bytes
 
 
+def _pair_jobs(
+    plan: _Plan, errors: str, stats: ReadStats
+) -> Iterator[tuple[list[str], list[str], tuple[int, list[tuple[int, int]]]]]:
+    """Batches of (prompts, completions, (bytes done, [(input index, line)] per record))."""
+    assert plan.pairs is not None
+    prompts: list[str] = []
+    completions: list[str] = []
+    where: list[tuple[int, int]] = []
+    chars = 0
+    for index, source in enumerate(plan.sources):
+        for prompt, completion, line in _pair_items(source, fields=plan.pairs, errors=errors, stats=stats):
+            prompts.append(prompt)
+            completions.append(completion)
+            where.append((index, line))
+            chars += len(prompt) + len(completion)
+            if chars >= BATCH_CHARS or len(prompts) >= BATCH_ITEMS:
+                yield prompts, completions, (stats.bytes, where)
+                prompts, completions, where, chars = [], [], [], 0
+    if prompts:
+        yield prompts, completions, (stats.bytes, where)
+
+
+def _write_pairs(
+    plan: _Plan,
+    spec: _TokenizerSpec,
+    out: IO[bytes],
+    directory: Path,
+    errors: str,
+    num_proc: int,
+    progress: Callable[[int], None],
+) -> tuple[int, ReadStats, list[Path]]:
+    """Tokenize `plan`'s records: ids into `out`; the mask and the record table into temporary files
+    in `directory`. Returns (ids written, what reading found, [mask file, record table file])."""
+    import numpy as np
+
+    stats, tokens = ReadStats(), 0
+    opened = [tempfile.mkstemp(prefix=f"{plan.fingerprint}.", suffix=".tmp", dir=directory) for _ in "mr"]
+    files = [Path(name) for _, name in opened]
+    try:
+        with os.fdopen(opened[0][0], "wb") as mask_out, os.fdopen(opened[1][0], "wb") as table_out:
+            for (ids, mask, lengths), (done, where) in _encoded(
+                _pair_jobs(plan, errors, stats), spec, num_proc, pairs=True
+            ):
+                out.write(ids.tobytes())
+                mask_out.write(mask.tobytes())
+                table = np.column_stack([lengths, np.array(where, dtype=np.int64).reshape(-1, 2)])
+                table_out.write(table.astype(np.int64).tobytes())
+                tokens += len(ids)
+                progress(done)
+            for f in (mask_out, table_out):
+                f.flush()
+                os.fsync(f.fileno())
+    except BaseException:
+        for f in files:
+            f.unlink(missing_ok=True)
+        raise
+    return tokens, stats, files
+
+
 def _write(
     plan: _Plan,
     spec: _TokenizerSpec,
@@ -218,18 +306,24 @@ def _write(
     sidecar = directory / f"{plan.fingerprint}.json"
     fd, tmp_name = tempfile.mkstemp(prefix=f"{plan.fingerprint}.", suffix=".tmp", dir=directory)
     tmp = Path(tmp_name)
+    side: list[Path] = []  # prompt/completion data: the mask and record table, until renamed into place
     try:
         with os.fdopen(fd, "wb") as out:
-            for ids, done in _encoded(_jobs(plan, spec, text_field, errors, stats), spec, num_proc):
-                out.write(ids.tobytes())
-                tokens += len(ids)
-                progress(done)
+            if plan.pairs is not None:
+                tokens, stats, side = _write_pairs(plan, spec, out, directory, errors, num_proc, progress)
+            else:
+                for ids, done in _encoded(_jobs(plan, spec, text_field, errors, stats), spec, num_proc):
+                    out.write(ids.tobytes())
+                    tokens += len(ids)
+                    progress(done)
             out.flush()
             os.fsync(out.fileno())
         if stats.documents == 0:
             labels = ", ".join(s.label for s in plan.sources[:3]) + (", …" if len(plan.sources) > 3 else "")
             raise InputError(f"no text in {labels}", "every JSONL record's text is empty")
         sidecar.unlink(missing_ok=True)
+        for file, suffix in zip(side, (".mask", ".rec"), strict=False):
+            os.replace(file, path.with_suffix(suffix))
         os.replace(tmp, path)
         meta = {
             "version": CACHE_VERSION,
@@ -242,6 +336,8 @@ def _write(
             "tokenizer": spec.digest,
             "eos": spec.eos,
         }
+        if plan.pairs is not None:
+            meta["pairs"] = list(plan.pairs)
         fd, tmp_name = tempfile.mkstemp(prefix=f"{plan.fingerprint}.", suffix=".tmp", dir=directory)
         tmp = Path(tmp_name)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -249,6 +345,8 @@ def _write(
         os.replace(tmp, sidecar)
     finally:
         tmp.unlink(missing_ok=True)
+        for file in side:
+            file.unlink(missing_ok=True)
     return TokenData(
         path,
         spec.dtype,
@@ -258,6 +356,7 @@ def _write(
         stats.invalid_bytes,
         plan.fingerprint,
         cache_hit=False,
+        fields=plan.pairs,
     )
 
 
@@ -280,8 +379,8 @@ def _work_dir(cache_dir: str | os.PathLike | None, no_cache: bool) -> tuple[Path
 
 
 def _remove_temporary(path: Path) -> None:
-    path.unlink(missing_ok=True)
-    path.with_suffix(".json").unlink(missing_ok=True)
+    for suffix in (".bin", ".json", ".mask", ".rec"):
+        path.with_suffix(suffix).unlink(missing_ok=True)
     with contextlib.suppress(OSError):  # another corpus of the same run may still be there
         path.parent.rmdir()
 
@@ -298,16 +397,24 @@ class _Run:
         *,
         text_field: str,
         errors: str,
+        pairs: tuple[str, str] | None = None,
     ) -> None:
         self.spec = _tokenizer_spec(tokenizer)
         self.directory, self.temporary = _work_dir(cache_dir, no_cache)
         self.on_progress = on_progress
         self.options = {"text_field": text_field, "errors": errors}
+        self.pairs = pairs
         self.spooled: dict[str, Path] = {}
 
     def plan(self, paths: str | Sequence[str], glob: str | Sequence[str] | None) -> _Plan:
         return _plan(
-            paths, self.spec, glob=glob, spool_dir=self.directory, spooled=self.spooled, **self.options
+            paths,
+            self.spec,
+            glob=glob,
+            spool_dir=self.directory,
+            spooled=self.spooled,
+            pairs=self.pairs,
+            **self.options,
         )
 
     def tokenize(self, plans: list[_Plan], num_proc: int) -> list[TokenData]:
@@ -332,6 +439,7 @@ class _Run:
                 if self.temporary:  # the file lives as long as its TokenData, or until close()
                     hit.temporary = True
                     weakref.finalize(hit, _remove_temporary, hit.path)
+            hit.sources = [s.label for s in plan.sources]
             results.append(hit)
         return results
 
@@ -354,9 +462,11 @@ def _tokenize_all(
     cache_dir: str | os.PathLike | None,
     no_cache: bool,
     on_progress: ProgressFn | None,
+    pairs: tuple[str, str] | None = None,
 ) -> list[TokenData]:
-    """TokenData for `paths`, then for each path in `extra` (each its own corpus)."""
-    run = _Run(tokenizer, cache_dir, no_cache, on_progress, text_field=text_field, errors=errors)
+    """TokenData for `paths`, then for each path in `extra` (each its own corpus); with `pairs`
+    (prompt field, completion field) as prompt/completion records."""
+    run = _Run(tokenizer, cache_dir, no_cache, on_progress, text_field=text_field, errors=errors, pairs=pairs)
     ok = False
     try:
         plans = [run.plan(paths, glob)] + [run.plan([path], glob) for path in extra]

@@ -80,6 +80,26 @@ class _Encoder:
                 ids.append(self.eos)
         return np.array(ids, dtype=self.dtype)
 
+    def pairs(self, prompts: list[str], completions: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, learn mask, record lengths) for prompt/completion records: each record is
+        ids(prompt) + ids(completion) + EOS, tokenized apart so the boundary is exact; the mask is 0 on
+        the prompt's ids and 1 on the completion's and the EOS."""
+        import numpy as np
+
+        encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
+        encoded = encode(prompts + completions, add_special_tokens=False)
+        ids: list[int] = []
+        mask: list[int] = []
+        lengths: list[int] = []
+        for prompt, completion in zip(encoded[: len(prompts)], encoded[len(prompts) :], strict=True):
+            ids += prompt.ids
+            ids += completion.ids
+            ids.append(self.eos)
+            mask += [0] * len(prompt.ids)
+            mask += [1] * (len(completion.ids) + 1)
+            lengths.append(len(prompt.ids) + len(completion.ids) + 1)
+        return np.array(ids, dtype=self.dtype), np.array(mask, dtype=np.uint8), np.array(lengths, np.int64)
+
 
 _worker: _Encoder | None = None
 
@@ -95,17 +115,26 @@ def _work(texts: list[str], ends: list[bool]) -> np.ndarray:
     return _worker(texts, ends)
 
 
+def _work_pairs(prompts: list[str], completions: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    assert _worker is not None
+    return _worker.pairs(prompts, completions)
+
+
 def _encoded(
-    jobs: Iterator[tuple[list[str], list[bool], int]],
-    spec: _TokenizerSpec,
-    num_proc: int,
-) -> Iterator[tuple[np.ndarray, int]]:
-    """(ids, bytes done) per job, in job order, encoded here or by `num_proc` worker processes."""
+    jobs: Iterator[tuple[list, list, Any]], spec: _TokenizerSpec, num_proc: int, pairs: bool = False
+) -> Iterator[tuple[Any, Any]]:
+    """(result, tag) per job, in job order, encoded here or by `num_proc` worker processes.
+
+    A job is (texts, ends, tag) and its result the ids (`_Encoder.__call__`); with `pairs`, a job is
+    (prompts, completions, tag) and its result (ids, mask, lengths) (`_Encoder.pairs`). The tag (bytes
+    done, say) comes back untouched.
+    """
     args = (spec.json, spec.eos, spec.dtype)
     if num_proc == 1:
         encoder = _Encoder(*args)
-        for texts, ends, done in jobs:
-            yield encoder(texts, ends), done
+        call = encoder.pairs if pairs else encoder
+        for first, second, done in jobs:
+            yield call(first, second), done
         return
     import multiprocessing
 
@@ -113,7 +142,7 @@ def _encoded(
     with multiprocessing.get_context("spawn").Pool(num_proc, _init_worker, args) as pool:
         pending: deque[tuple[Any, int]] = deque()  # a bounded window: the corpus never queues up whole
         for texts, ends, done in jobs:
-            pending.append((pool.apply_async(_work, (texts, ends)), done))
+            pending.append((pool.apply_async(_work_pairs if pairs else _work, (texts, ends)), done))
             if len(pending) >= 2 * num_proc:
                 result, at = pending.popleft()
                 yield result.get(), at

@@ -219,6 +219,16 @@ def _items(
 def _records(raw: IO[bytes], label: str, text_field: str, errors: str, stats: ReadStats) -> Iterator[str]:
     """The non-empty `text_field` strings of a JSONL stream, one line at a time."""
     hint = f'each line must be a JSON object with a "{text_field}" string (see --text-field)'
+    for number, obj, line in _json_lines(raw, label, errors, stats, hint):
+        value = _string_field(obj, text_field, f"{label}:{number}", line, errors, stats, hint)
+        if value:
+            yield value
+
+
+def _json_lines(
+    raw: IO[bytes], label: str, errors: str, stats: ReadStats, hint: str
+) -> Iterator[tuple[int, dict, str]]:
+    """(line number, object, line) for each non-blank line of a JSONL stream; InputError at file:line."""
     offset, records = 0, 0
     for number, line in enumerate(raw, start=1):
         start = offset
@@ -239,26 +249,30 @@ def _records(raw: IO[bytes], label: str, text_field: str, errors: str, stats: Re
             raise InputError(f"{label}:{number}: invalid JSON: {getattr(exc, 'msg', exc)}", hint) from None
         if not isinstance(obj, dict):
             raise InputError(f"{label}:{number}: expected a JSON object, got {type(obj).__name__}", hint)
-        if text_field not in obj:
-            raise InputError(f'{label}:{number}: no "{text_field}" field', hint)
-        value = obj[text_field]
-        if not isinstance(value, str):
-            kind = type(value).__name__
-            raise InputError(f'{label}:{number}: "{text_field}" is {kind}, not a string', hint)
-        if "\\u" in text:  # a JSON escape can make a lone surrogate, which is not text
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                if errors == "strict":
-                    raise InputError(
-                        f'{label}:{number}: "{text_field}" has a lone surrogate (character {exc.start})',
-                        "fix the \\u escape",
-                    ) from None
-                value = _decode(value.encode("utf-8", "surrogatepass"), _COUNTING, stats)
-        if value:
-            yield value
+        yield number, obj, text
     if not records:
         raise InputError(f"{label}: no JSON records", hint)
+
+
+def _string_field(
+    obj: dict, name: str, where: str, line: str, errors: str, stats: ReadStats, hint: str
+) -> str:
+    """obj[name], checked to be there and a string (`where` is file:line for messages)."""
+    if name not in obj:
+        raise InputError(f'{where}: no "{name}" field', hint)
+    value = obj[name]
+    if not isinstance(value, str):
+        raise InputError(f'{where}: "{name}" is {type(value).__name__}, not a string', hint)
+    if "\\u" in line:  # a JSON escape can make a lone surrogate, which is not text
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            if errors == "strict":
+                raise InputError(
+                    f'{where}: "{name}" has a lone surrogate (character {exc.start})', "fix the \\u escape"
+                ) from None
+            value = _decode(value.encode("utf-8", "surrogatepass"), _COUNTING, stats)
+    return value
 
 
 def read_documents(
