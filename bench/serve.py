@@ -117,15 +117,16 @@ class Running:
             env={**os.environ, **(env or {})},
         )
         self.url = url
+        self.log: list[str] = []
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
+            self.log.append(line)
             found = re.search(ready, line)
             if found:
                 self.url = self.url or found.group(1)
                 break
         else:
-            raise RuntimeError(f"{argv[0]} did not start")
-        self.log: list[str] = []
+            raise RuntimeError(f"{argv[0]} did not start:\n" + "".join(self.log[-20:]))
         threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()  # type: ignore[arg-type]
 
     def stop(self) -> None:
@@ -179,6 +180,18 @@ def main() -> None:
         results["generate_server_call_s"] = generate_calls(ours.url or "")
     finally:
         ours.stop()
+    # llmkit at its defaults too: --dtype auto is bfloat16 on a CPU that computes it natively.
+    auto = Running(
+        [str(BIN / "llmkit"), "-v", "serve", "-m", model_dir, "--port", "0"],
+        None,
+        r"listening on (http://\S+) ",
+    )
+    try:
+        label = "llmkit --dtype auto"
+        results[label] = measure("llmkit serve --dtype auto", auto, model_dir, sequential=False)
+        results[label]["dtype"] = next((line.strip() for line in auto.log if " on cpu, " in line), "see -v")
+    finally:
+        auto.stop()
     for label, flags in (
         ("transformers", []),
         ("transformers --continuous-batching", ["--continuous-batching"]),
@@ -208,7 +221,7 @@ def main() -> None:
         finally:
             theirs.stop()
     rows = [("server", *(f"{c} client{'s' if c > 1 else ''}" for c in CONCURRENCY), "TTFT p50 / p95 at 16")]
-    for label in ("llmkit", "transformers", "transformers --continuous-batching"):
+    for label in ("llmkit", "llmkit --dtype auto", "transformers", "transformers --continuous-batching"):
         levels = results[label].get("levels")
         if not levels:
             rows.append((label, *("failed" for _ in CONCURRENCY), ""))
