@@ -7,8 +7,10 @@ choices (text, logprobs, finish reason) and cancels its sequences when the clien
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -115,12 +117,49 @@ def check_budget(engine: Engine, prompt_tokens: int, max_tokens: int) -> None:
         )
 
 
+class Bridge:
+    """Carries chunks from the engine's thread to one event loop, waking it once per burst.
+
+    A decoding step delivers a chunk to every sequence in the batch; one `call_soon_threadsafe` per
+    chunk would wake the loop (a syscall, and a turn of the loop that competes with decoding for the
+    two cores) that many times. Here the first chunk of a burst schedules one hand-over for them all.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._waiting: list[tuple[asyncio.Queue, Any]] = []
+
+    def post(self, queue: asyncio.Queue, item: Any) -> None:
+        with self._lock:
+            self._waiting.append((queue, item))
+            if len(self._waiting) > 1:
+                return  # a hand-over is already scheduled and will take this one too
+        self.loop.call_soon_threadsafe(self._hand_over)
+
+    def _hand_over(self) -> None:
+        with self._lock:
+            waiting, self._waiting = self._waiting, []
+        for queue, item in waiting:
+            queue.put_nowait(item)
+
+
+_bridges: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Bridge] = weakref.WeakKeyDictionary()
+
+
+def bridge(loop: asyncio.AbstractEventLoop) -> Bridge:
+    found = _bridges.get(loop)
+    if found is None:
+        found = _bridges[loop] = Bridge(loop)
+    return found
+
+
 class Run:
     """The sequences of one request, and the bridge from the engine's thread to this event loop."""
 
     def __init__(self, engine: Engine, kind: str, model: str) -> None:
         self.engine = engine
-        self.loop = asyncio.get_running_loop()
+        self.bridge = bridge(asyncio.get_running_loop())
         self.queue: asyncio.Queue[tuple[int, Chunk]] = asyncio.Queue()
         self.sequences: list[Sequence] = []
         self.choices: list[Choice] = []
@@ -133,7 +172,7 @@ class Run:
         index = len(self.sequences)
 
         def deliver(chunk: Chunk, index: int = index) -> None:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, chunk))
+            self.bridge.post(self.queue, (index, chunk))
 
         self.sequences.append(self.engine.sequence(ids, params, deliver, seed=seed, prompt_text=text))
         self.choices.append(Choice(index, len(ids)))
@@ -149,7 +188,10 @@ class Run:
         open_choices = len(self.sequences)
         while open_choices:
             try:
-                index, chunk = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
+                if self.queue.empty():
+                    index, chunk = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
+                else:  # no timer and no task when the chunk is already here
+                    index, chunk = self.queue.get_nowait()
             except TimeoutError:
                 if is_disconnected is not None and await is_disconnected():
                     self.cancel()
