@@ -419,27 +419,63 @@ class Trainer:
         self.final: Metrics | None = None  # the last metrics record: what the saved model reports
 
     def events(self) -> Iterator[Event]:
-        from accelerate.utils import set_seed
+        saved, resume_from = self._find_checkpoint()
+        notices = self._set_up_accelerator(saved)
+        model, block_size = self._set_up_model()
+        self._set_up_data(block_size)
+        changes = self._check_resume(saved) if saved is not None else []
+        self._set_up_optimization(model)
+        if saved is not None and resume_from is not None:
+            self._restore(saved, resume_from)
+            notices += self._resume_notices(saved, resume_from, changes)
+        self.plan = self._make_plan(block_size)
+        if self.cfg.report_to:
+            self.acc.init_trackers(
+                "llmkit",
+                config={k: v for k, v in asdict(self.cfg).items() if isinstance(v, int | float | str | bool)},
+            )
+        main = self.acc.is_main_process
+        metrics = rundir.MetricsLog.open(self.out) if main else None
+        if main:
+            yield self.plan
+            for notice in notices:
+                yield Notice(notice)
+        with _signals(self):
+            yield from self._loop(metrics, main)
+        yield from self._finish(metrics, main)
 
+    # -- setting up ----------------------------------------------------------------------------------
+    def _find_checkpoint(self) -> tuple[dict[str, Any] | None, Path | None]:
+        """The checkpoint a resumed run starts from, and its saved state (None, None for a new run)."""
         cfg = self.cfg
         resume_from = checkpoints.locate(self.out, cfg.resume_from) if cfg.resuming else None
         saved = checkpoints.load_state(resume_from) if resume_from is not None else None
-        chosen = _saved_choices(saved) if saved is not None else {}
-        acc, precision_notice = _accelerator(cfg, self.out, chosen.get("mixed_precision"))
+        return saved, resume_from
+
+    def _set_up_accelerator(self, saved: dict[str, Any] | None) -> list[str]:
+        """The Accelerator, the optimizer's name, OUT claimed, seeds set; returns notices for the user."""
+        from accelerate.utils import set_seed
+
+        cfg = self.cfg
+        self.chosen = _saved_choices(saved) if saved is not None else {}
+        acc, precision_notice = _accelerator(cfg, self.out, self.chosen.get("mixed_precision"))
         self.acc = acc
         fsdp_notice = _check_fsdp(acc, cfg)
-        main = acc.is_main_process
         # A resumed run keeps the optimizer its checkpoint was trained with unless told otherwise.
-        self.optimizer_name = cfg.optimizer or chosen.get("optimizer") or cfg.optimizer_name
-        if main:
+        self.optimizer_name = cfg.optimizer or self.chosen.get("optimizer") or cfg.optimizer_name
+        if acc.is_main_process:
             if saved is None:
                 rundir.claim(self.out, overwrite=cfg.overwrite)
             checkpoints.remove_stale(self.out)
         set_seed(cfg.seed)
-        model, tokenizer = _build_model(cfg)
-        self.tokenizer = tokenizer
+        return [n for n in (precision_notice, fsdp_notice) if n is not None]
+
+    def _set_up_model(self) -> tuple[Any, int]:
+        """The model and tokenizer, and the block size (checked against the model's context)."""
         from llmkit.models import context_length
 
+        cfg = self.cfg
+        model, self.tokenizer = _build_model(cfg)
         context = context_length(model.config)
         block_size = cfg.block_size or min(context, 1024)
         if block_size > context:
@@ -447,32 +483,45 @@ class Trainer:
                 f"--block-size {block_size} exceeds the model's context of {context}",
                 f"use at most {context}",
             )
+        return model, block_size
+
+    def _set_up_data(self, block_size: int) -> None:
+        """Tokenized, blocked data (the main process first: it fills the cache) and the run's length."""
+        cfg, acc = self.cfg, self.acc
         with acc.main_process_first():
-            data = self._data(tokenizer, block_size, main)
-        self.data = data
+            self.data = self._data(self.tokenizer, block_size, acc.is_main_process)
         world = acc.num_processes
-        state = self.state = LoopState(batch_size=cfg.batch_size, grad_accum=cfg.grad_accum)
+        self.state = LoopState(batch_size=cfg.batch_size, grad_accum=cfg.grad_accum)
         global_batch = cfg.batch_size * cfg.grad_accum * world
-        steps_per_epoch = len(data.train) // global_batch
+        steps_per_epoch = len(self.data.train) // global_batch
         if steps_per_epoch == 0:
             raise InputError(
-                f"{len(data.train)} training blocks are fewer than one step's "
+                f"{len(self.data.train)} training blocks are fewer than one step's "
                 f"{global_batch} ({cfg.batch_size} per batch × {cfg.grad_accum} accumulation × "
                 f"{world} processes)",
                 "lower --batch-size, --grad-accum or --block-size, or add more text",
             )
         total = cfg.max_steps or math.ceil((cfg.epochs or 1.0) * steps_per_epoch)
         self.total, self.steps_per_epoch, self.global_batch = total, steps_per_epoch, global_batch
-        tolerated: list[str] = []
-        if saved is not None:
-            from llmkit import resume
 
-            # Compare what each run resolved `auto` and defaults to, not the words it was given.
-            current = {**asdict(cfg), "optimizer": self.optimizer_name}
-            if chosen.get("mixed_precision"):
-                current["mixed_precision"] = acc.mixed_precision
-            before = {**saved, "config": {**saved["config"], **{k: v for k, v in chosen.items() if v}}}
-            tolerated = resume.check(before, current, data.fingerprint, world, cfg.force)
+    def _check_resume(self, saved: dict[str, Any]) -> list[str]:
+        """Refuse a resume that would be a different run; notices for the changes it tolerates."""
+        from llmkit import resume
+
+        cfg, chosen = self.cfg, self.chosen
+        # Compare what each run resolved `auto` and defaults to, not the words it was given.
+        current = {**asdict(cfg), "optimizer": self.optimizer_name}
+        if chosen.get("mixed_precision"):
+            current["mixed_precision"] = self.acc.mixed_precision
+        before = {**saved, "config": {**saved["config"], **{k: v for k, v in chosen.items() if v}}}
+        tolerated = resume.check(before, current, self.data.fingerprint, self.acc.num_processes, cfg.force)
+        return [f"changed since the checkpoint: {line}" for line in tolerated]
+
+    def _set_up_optimization(self, model: Any) -> None:
+        """Checkpointing and compiling as asked, optimizers and schedulers, all prepared by accelerate."""
+        from transformers import get_scheduler
+
+        cfg, acc = self.cfg, self.acc
         if cfg.gradient_checkpointing:
             _checkpointing(model, enable=True)
             model.config.use_cache = False
@@ -483,12 +532,11 @@ class Trainer:
             # its recompile limit (8), silently leave the rest eager.
             model.compile()
         optimizers = _optimizers(model, cfg, acc.device.type, self.optimizer_name)
-        from transformers import get_scheduler
-
-        warmup = _warmup(cfg, total)
+        self.warmup = _warmup(cfg, self.total)
         schedule = {"constant": "constant_with_warmup"}.get(cfg.lr_schedule, cfg.lr_schedule)
         schedulers = [
-            get_scheduler(schedule, o, num_warmup_steps=warmup, num_training_steps=total) for o in optimizers
+            get_scheduler(schedule, o, num_warmup_steps=self.warmup, num_training_steps=self.total)
+            for o in optimizers
         ]
         # Schedulers stay unprepared: accelerate would step them once per process, and `total` already
         # counts global optimizer steps. They are registered so checkpoints carry them.
@@ -496,16 +544,34 @@ class Trainer:
         for scheduler in schedulers:
             acc.register_for_checkpointing(scheduler)
         self.model, self.optimizers, self.schedulers = model, optimizers, schedulers
-        if saved is not None and resume_from is not None:
-            acc.load_state(str(resume_from))
-            restored = {k: v for k, v in saved["loop"].items() if k in LoopState.__dataclass_fields__}
-            state = self.state = LoopState(**restored)
-            acc.gradient_accumulation_steps = state.grad_accum
-            last = _truncate_metrics(self.out, state.step) if main else None
-            if last is not None:
-                self.final = Metrics(**{k: v for k, v in last.items() if k in Metrics.__dataclass_fields__})
+
+    def _restore(self, saved: dict[str, Any], resume_from: Path) -> None:
+        """accelerate's state and the loop's from the checkpoint; metrics logged after it dropped."""
+        acc = self.acc
+        acc.load_state(str(resume_from))
+        restored = {k: v for k, v in saved["loop"].items() if k in LoopState.__dataclass_fields__}
+        self.state = LoopState(**restored)
+        acc.gradient_accumulation_steps = self.state.grad_accum
+        last = _truncate_metrics(self.out, self.state.step) if acc.is_main_process else None
+        if last is not None:
+            self.final = Metrics(**{k: v for k, v in last.items() if k in Metrics.__dataclass_fields__})
+
+    def _resume_notices(self, saved: dict[str, Any], resume_from: Path, changes: list[str]) -> list[str]:
+        notices = [f"resuming from {resume_from} at step {self.state.step}/{self.total}", *changes]
+        before, now = saved.get("threads"), _cpu_threads(self.acc.device.type)
+        if before and now and before != now:
+            notices.append(
+                f"the checkpoint was written with {before} CPU threads, this run has {now}: sums "
+                "split differently, so it won't match an uninterrupted run bit for bit "
+                f"(OMP_NUM_THREADS={before} would)"
+            )
+        return notices
+
+    def _make_plan(self, block_size: int) -> Plan:
+        acc, data = self.acc, self.data
         stats = data.stats()
-        plan = Plan(
+        module = acc.unwrap_model(self.model)
+        return Plan(
             stats["documents"],
             stats["tokens"],
             stats["invalid_bytes"],
@@ -513,49 +579,27 @@ class Trainer:
             block_size,
             len(data.train),
             len(data.val) if data.val is not None else 0,
-            steps_per_epoch,
-            total,
-            global_batch,
-            world,
+            self.steps_per_epoch,
+            self.total,
+            self.global_batch,
+            acc.num_processes,
             str(acc.device),
             acc.mixed_precision,
             self.optimizer_name,
-            sum(p.numel() for p in acc.unwrap_model(model).parameters()),
-            sum(p.numel() for p in acc.unwrap_model(model).parameters() if p.requires_grad),
-            cfg.peak_lr,
-            warmup,
+            sum(p.numel() for p in module.parameters()),
+            sum(p.numel() for p in module.parameters() if p.requires_grad),
+            self.cfg.peak_lr,
+            self.warmup,
             records=stats.get("records"),
             skipped_records=stats.get("skipped_records", 0),
             padding=stats.get("padding", 0.0),
         )
-        self.plan = plan
-        if cfg.report_to:
-            acc.init_trackers(
-                "llmkit",
-                config={k: v for k, v in asdict(cfg).items() if isinstance(v, int | float | str | bool)},
-            )
-        metrics = rundir.MetricsLog.open(self.out) if main else None
-        if main:
-            yield plan
-            if precision_notice is not None:
-                yield Notice(precision_notice)
-            if fsdp_notice is not None:
-                yield Notice(fsdp_notice)
-            if resume_from is not None:
-                yield Notice(f"resuming from {resume_from} at step {state.step}/{total}")
-                for line in tolerated:
-                    yield Notice(f"changed since the checkpoint: {line}")
-                before, now = saved.get("threads"), _cpu_threads(acc.device.type)
-                if before and now and before != now:
-                    yield Notice(
-                        f"the checkpoint was written with {before} CPU threads, this run has {now}: sums "
-                        "split differently, so it won't match an uninterrupted run bit for bit "
-                        f"(OMP_NUM_THREADS={before} would)"
-                    )
-        with _signals(self):
-            yield from self._loop(metrics, main)
+
+    def _finish(self, metrics: rundir.MetricsLog | None, main: bool) -> Iterator[Event]:
+        """Every process waits for the others, the whole model is gathered, the main process saves OUT."""
+        acc = self.acc
         acc.wait_for_everyone()
-        if cfg.report_to:
+        if self.cfg.report_to:
             acc.end_training()
         whole = self._gather_weights()  # under FSDP a collective: every process takes part
         if main:
@@ -563,9 +607,9 @@ class Trainer:
             metrics.close()
             seconds = time.perf_counter() - self.started
             self._save(self.final, seconds, whole)
-            yield Finished(self.out, self.final, state.losses, seconds)
+            yield Finished(self.out, self.final, self.state.losses, seconds)
         acc.wait_for_everyone()
-        data.close()
+        self.data.close()
 
     # -- the loop ------------------------------------------------------------------------------------
     def _loop(self, metrics: rundir.MetricsLog | None, main: bool) -> Iterator[Event]:
