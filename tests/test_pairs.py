@@ -247,3 +247,44 @@ def test_resume_is_bit_exact(cli, qa: Path, tiny_model: Path, tmp_path: Path) ->
     assert "resuming from" in result.stderr and "at step 4/8" in result.stderr
     resumed = load_file(out / "model.safetensors")
     assert all(torch.equal(whole[name], resumed[name]) for name in whole)
+
+
+@pytest.mark.slow
+def test_two_processes_weigh_every_completion_token_alike(
+    cli, qa: Path, tiny_model_nodrop: Path, tmp_path: Path
+) -> None:
+    from conftest import run_torchrun
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert finetune(cli, qa, one, tiny_model_nodrop, "--batch-size", "4").exit_code == 0
+    flags = ["--block-size", "32", "--batch-size", "2", "--max-steps", "4", "--lr", "1e-3"]
+    done = run_torchrun(
+        "finetune",
+        qa,
+        "-o",
+        two,
+        "-m",
+        tiny_model_nodrop,
+        *flags,
+        "--cache-dir",
+        tmp_path / "cache2",
+        env={"OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr
+    left, right = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    for name in left:
+        torch.testing.assert_close(left[name], right[name], rtol=1e-5, atol=1e-6)
+    assert meta(one)["metrics"]["loss"] == pytest.approx(meta(two)["metrics"]["loss"], rel=1e-5)
+
+
+def test_lora_learns_from_pairs(cli, qa: Path, tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "adapter"
+    result = finetune(
+        cli, qa, out, tiny_model, "--lora", "--max-steps", "6", "--log-every", "1", "--val-split", "0.2"
+    )
+    assert result.exit_code == 0, result.stderr
+    assert (out / "adapter_config.json").is_file()
+    assert meta(out)["data"]["records"] == len(ALL_SUMS)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) >= 2 and losses[-1] < losses[0]
