@@ -7,6 +7,10 @@ without special tokens and each one is followed by the tokenizer's EOS id; the i
 in order, into a flat numpy file under the cache directory, which is then cut into blocks of
 `block_size` ids (no padding; a last partial block is dropped).
 
+Prompt/completion JSONL (records.py) is the other kind of data: each record becomes prompt ids +
+completion ids + EOS with a learn mask (0 on the prompt), stored in the cache beside the ids, and
+records are packed whole into blocks, the rest padding, so a completion never loses its prompt.
+
 The cache is keyed by a fingerprint of what determines the ids: the content of the inputs in order
 (never their paths), the options that change tokenization (`text_field`, `errors`) and the tokenizer
 (its backend JSON and EOS id). A cache entry is `<fingerprint>.bin` plus a `<fingerprint>.json`
@@ -24,6 +28,7 @@ library; numpy, tokenizers and torch are imported when first needed.
 from llmkit.data.blocks import Blocks, PreparedData, collate, prepare, split_blocks
 from llmkit.data.cache import ProgressFn, TokenData, default_cache_dir, tokenize
 from llmkit.data.encoder import token_dtype
+from llmkit.data.records import RecordBlocks
 from llmkit.data.sources import ReadStats, read_documents
 
 __all__ = [
@@ -31,6 +36,7 @@ __all__ = [
     "PreparedData",
     "ProgressFn",
     "ReadStats",
+    "RecordBlocks",
     "TokenData",
     "collate",
     "default_cache_dir",
