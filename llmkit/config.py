@@ -233,7 +233,10 @@ class TrainConfig:
     mixed_precision: MixedPrecision = "auto"
     """auto: bf16 autocast where the device computes bf16 natively (GPUs, CPUs with avx512_bf16
     or AMX), else fp32 (no)."""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = None
+    """Recompute activations in the backward pass instead of keeping them. None: on with --lora (chosen
+    to save memory, which at block 512 is mostly activations; LoRA with it still outran full fine-tuning
+    without it), off otherwise."""
     lora: bool = False
     """Train LoRA adapters (PEFT) on a frozen model instead of every weight; OUT is an adapter."""
     lora_r: int | None = None
@@ -342,6 +345,8 @@ class TrainConfig:
 
     def _check_lora(self) -> None:
         """Validate the LoRA options, then fill in their defaults, so a saved config says what ran."""
+        if self.gradient_checkpointing is None:
+            self.gradient_checkpointing = self.lora
         given = {
             "--lora-r": self.lora_r is not None,
             "--lora-alpha": self.lora_alpha is not None,

@@ -56,6 +56,7 @@ class Plan:
     skipped_records: int = 0
     padding: float = 0.0
     """Prompt/completion data: the fraction of block positions that are padding."""
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -593,6 +594,7 @@ class Trainer:
             records=stats.get("records"),
             skipped_records=stats.get("skipped_records", 0),
             padding=stats.get("padding", 0.0),
+            gradient_checkpointing=bool(self.cfg.gradient_checkpointing),
         )
 
     def _finish(self, metrics: rundir.MetricsLog | None, main: bool) -> Iterator[Event]:

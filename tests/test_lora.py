@@ -127,6 +127,7 @@ def test_trains_only_the_adapters_and_lowers_the_loss(cli, adapter, tiny_model: 
     assert len(layers) == 8  # 2 blocks × (c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)
     expected = sum(16 * (n_in + n_out) for n_in, n_out in layers.values())  # A is r×in, B is out×r
     assert f"({expected:,} trainable," in result.stderr
+    assert "gradient checkpointing" in result.stderr  # on by default with --lora
     rows = metrics(out)
     # The frozen random head of the tiny model keeps its logits small, so the loss falls only so far
     # (5.68 → 5.02 here); greedy decoding shows what was learned.
@@ -422,6 +423,12 @@ def test_lora_defaults_are_resolved_into_the_config() -> None:
     assert TrainConfig(data=["x"], output="out", lora=True, lora_r=4).lora_alpha == 8.0
     plain = TrainConfig(data=["x"], output="out")
     assert (plain.lora_r, plain.lora_targets, plain.peak_lr) == (None, None, 5e-5)
+    # LoRA is picked to save memory: gradient checkpointing is on unless told otherwise.
+    assert cfg.gradient_checkpointing is True and plain.gradient_checkpointing is False
+    assert (
+        TrainConfig(data=["x"], output="out", lora=True, gradient_checkpointing=False).gradient_checkpointing
+        is False
+    )
 
 
 def test_gradient_checkpointing_trains_the_adapters_the_same(
@@ -431,7 +438,7 @@ def test_gradient_checkpointing_trains_the_adapters_the_same(
     # the adapters would stay where they started: B at zero.
     common = ["--lora", "--lora-dropout", "0", "--max-steps", "6", "--lr", "3e-3"]
     weights = {}
-    for name, extra in (("plain", []), ("checkpointed", ["--gradient-checkpointing"])):
+    for name, extra in (("plain", ["--no-gradient-checkpointing"]), ("checkpointed", [])):
         out = tmp_path / name
         result = train(cli, corpus, tiny_model_nodrop, out, *common, *extra)
         assert result.exit_code == 0, result.stderr

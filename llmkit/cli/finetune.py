@@ -166,8 +166,14 @@ def finetune(
         ),
     ] = "auto",
     gradient_checkpointing: Annotated[
-        bool, typer.Option("--gradient-checkpointing", help="Trade compute for memory.")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--gradient-checkpointing/--no-gradient-checkpointing",
+            help="Recompute activations in the backward pass: less memory, slower steps "
+            "(default: on with --lora, off otherwise).",
+            show_default=False,
+        ),
+    ] = None,
     lora: Annotated[
         bool,
         typer.Option(
@@ -377,6 +383,7 @@ class _View:
             f"{p.effective_batch} blocks ({p.effective_batch * p.block_size:,} tokens); "
             f"{p.parameters / 1e6:.1f}M parameters{_trainable(p)} on {p.device} × {p.processes}, precision "
             f"{p.mixed_precision}, {p.optimizer} lr {p.lr:g} with {p.warmup_steps} warm-up steps"
+            + (", gradient checkpointing" if p.gradient_checkpointing else "")
         )
         self.total = p.total_steps
         if self.live:
