@@ -500,3 +500,53 @@ def test_resume_is_bit_exact(tiny_model: Path, corpus: Path, tmp_path: Path) -> 
     assert left.keys() == right.keys()
     assert all(torch.equal(left[k], right[k]) for k in left)
     assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(ref)]
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_adapters_like_one(
+    cli, corpus: Path, tiny_model_nodrop: Path, tmp_path: Path
+) -> None:
+    from conftest import run_torchrun
+
+    common = ["--lora", "--lora-dropout", "0", "--max-steps", "4", "--lr", "3e-3", "--block-size", "32"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    result = train(cli, corpus, tiny_model_nodrop, one, *common[:-2], "--batch-size", "4")
+    assert result.exit_code == 0, result.stderr
+    done = run_torchrun(
+        "finetune", corpus, "-o", two, "-m", tiny_model_nodrop, *common, "--batch-size", "2",
+        "--cache-dir", tmp_path / "cache2", env={"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    left = load_file(one / "adapter_model.safetensors")
+    right = load_file(two / "adapter_model.safetensors")
+    assert left.keys() == right.keys()
+    for name in left:
+        torch.testing.assert_close(left[name], right[name], rtol=1e-5, atol=1e-6)
+    model = peft_model(tiny_model_nodrop, two)  # PEFT's own loader takes the 2-process adapter
+    assert torch.isfinite(logits(model, tiny_model_nodrop)).all()
+
+
+def test_bf16_autocast_trains_fp32_adapters(cli, corpus: Path, tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bf16"
+    result = train(cli, corpus, tiny_model, out, "--lora", "--mixed-precision", "bf16", *TRAIN[2:])
+    assert result.exit_code == 0, result.stderr
+    assert "precision bf16" in result.stderr
+    saved = load_file(out / "adapter_model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.float32}  # the master weights stay fp32
+    rows = [r for r in metrics(out) if "loss" in r]
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.3
+
+
+@pytest.mark.slow
+def test_compile_trains_the_adapters_the_same(
+    cli, corpus: Path, tiny_model_nodrop: Path, tmp_path: Path
+) -> None:
+    common = ["--lora", "--lora-dropout", "0", "--max-steps", "3", "--lr", "3e-3"]
+    weights = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        out = tmp_path / name
+        result = train(cli, corpus, tiny_model_nodrop, out, *common, *extra)
+        assert result.exit_code == 0, result.stderr
+        weights[name] = load_file(out / "adapter_model.safetensors")
+    for key, tensor in weights["eager"].items():
+        torch.testing.assert_close(weights["compiled"][key], tensor, rtol=1e-4, atol=1e-5)
