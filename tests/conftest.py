@@ -113,3 +113,17 @@ def run_torchrun(
         env=full_env,
         timeout=timeout,
     )
+
+
+def assert_same_weights(
+    left: Path, right: Path, file: str = "model.safetensors", rtol: float = 1e-5, atol: float = 1e-6
+) -> dict:
+    """Two saved runs hold the same tensors (names and values, within tolerance); returns the right's."""
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = load_file(left / file), load_file(right / file)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+    return b

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_same_weights, run_torchrun
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -23,6 +24,7 @@ PATTERN = "The cat sees the moon. A dog likes the sea.\n"
 TRAIN = ["--block-size", "32", "--max-steps", "30", "--lr", "3e-3", "--log-every", "5", "--eval-every", "15"]
 TARGETS = ("c_attn", "c_proj", "c_fc")
 PROMPT = "The cat sees the"
+ADAPTER = "adapter_model.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -437,15 +439,11 @@ def test_gradient_checkpointing_trains_the_adapters_the_same(
     # If checkpointed blocks passed no gradient back (reentrant checkpointing behind frozen embeddings),
     # the adapters would stay where they started: B at zero.
     common = ["--lora", "--lora-dropout", "0", "--max-steps", "6", "--lr", "3e-3"]
-    weights = {}
     for name, extra in (("plain", ["--no-gradient-checkpointing"]), ("checkpointed", [])):
-        out = tmp_path / name
-        result = train(cli, corpus, tiny_model_nodrop, out, *common, *extra)
+        result = train(cli, corpus, tiny_model_nodrop, tmp_path / name, *common, *extra)
         assert result.exit_code == 0, result.stderr
-        weights[name] = load_file(out / "adapter_model.safetensors")
-    for key, tensor in weights["plain"].items():
-        torch.testing.assert_close(weights["checkpointed"][key], tensor, rtol=1e-5, atol=1e-6)
-    assert all(t.abs().max() > 0 for k, t in weights["checkpointed"].items() if "lora_B" in k)
+    checkpointed = assert_same_weights(tmp_path / "plain", tmp_path / "checkpointed", ADAPTER)
+    assert all(t.abs().max() > 0 for k, t in checkpointed.items() if "lora_B" in k)
 
 
 def test_help_does_not_import_peft() -> None:
@@ -506,8 +504,6 @@ def test_resume_is_bit_exact(tiny_model: Path, corpus: Path, tmp_path: Path) -> 
 def test_two_processes_train_the_adapters_like_one(
     cli, corpus: Path, tiny_model_nodrop: Path, tmp_path: Path
 ) -> None:
-    from conftest import run_torchrun
-
     common = ["--lora", "--lora-dropout", "0", "--max-steps", "4", "--lr", "3e-3", "--block-size", "32"]
     one, two = tmp_path / "one", tmp_path / "two"
     result = train(cli, corpus, tiny_model_nodrop, one, *common[:-2], "--batch-size", "4")
@@ -517,11 +513,7 @@ def test_two_processes_train_the_adapters_like_one(
         "--cache-dir", tmp_path / "cache2", env={"OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    left = load_file(one / "adapter_model.safetensors")
-    right = load_file(two / "adapter_model.safetensors")
-    assert left.keys() == right.keys()
-    for name in left:
-        torch.testing.assert_close(left[name], right[name], rtol=1e-5, atol=1e-6)
+    assert_same_weights(one, two, ADAPTER)
     model = peft_model(tiny_model_nodrop, two)  # PEFT's own loader takes the 2-process adapter
     assert torch.isfinite(logits(model, tiny_model_nodrop)).all()
 
@@ -542,11 +534,7 @@ def test_compile_trains_the_adapters_the_same(
     cli, corpus: Path, tiny_model_nodrop: Path, tmp_path: Path
 ) -> None:
     common = ["--lora", "--lora-dropout", "0", "--max-steps", "3", "--lr", "3e-3"]
-    weights = {}
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
-        out = tmp_path / name
-        result = train(cli, corpus, tiny_model_nodrop, out, *common, *extra)
+        result = train(cli, corpus, tiny_model_nodrop, tmp_path / name, *common, *extra)
         assert result.exit_code == 0, result.stderr
-        weights[name] = load_file(out / "adapter_model.safetensors")
-    for key, tensor in weights["eager"].items():
-        torch.testing.assert_close(weights["compiled"][key], tensor, rtol=1e-4, atol=1e-5)
+    assert_same_weights(tmp_path / "eager", tmp_path / "compiled", ADAPTER, rtol=1e-4, atol=1e-5)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same_weights
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -230,9 +231,7 @@ def test_accumulation_weighs_every_completion_token_alike(cli, qa: Path, tiny_mo
     assert finetune(cli, qa, one, tiny_model_nodrop, "--batch-size", "4").exit_code == 0
     result = finetune(cli, qa, split, tiny_model_nodrop, "--batch-size", "1", "--grad-accum", "4")
     assert result.exit_code == 0, result.stderr
-    left, right = load_file(one / "model.safetensors"), load_file(split / "model.safetensors")
-    for name in left:
-        torch.testing.assert_close(left[name], right[name], rtol=1e-5, atol=1e-6)
+    assert_same_weights(one, split)
     assert meta(one)["metrics"]["loss"] == pytest.approx(meta(split)["metrics"]["loss"], rel=1e-5)
 
 
@@ -271,9 +270,7 @@ def test_two_processes_weigh_every_completion_token_alike(
         env={"OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 0, done.stderr
-    left, right = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
-    for name in left:
-        torch.testing.assert_close(left[name], right[name], rtol=1e-5, atol=1e-6)
+    assert_same_weights(one, two)
     assert meta(one)["metrics"]["loss"] == pytest.approx(meta(two)["metrics"]["loss"], rel=1e-5)
 
 
