@@ -119,6 +119,7 @@ class _BodyLimit:
             scope = {**scope, "headers": list(headers.items())}
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await _drain(receive, DRAIN_FACTOR * self.limit)
             await _too_large(self.limit, send)
             return
         seen = 0
@@ -134,11 +135,26 @@ class _BodyLimit:
         try:
             await self.app(scope, limited, send)
         except _TooLarge:
+            await _drain(receive, DRAIN_FACTOR * self.limit)
             await _too_large(self.limit, send)
 
 
 class _TooLarge(Exception):
     pass
+
+
+# A refused body is read (and dropped) up to this many times the limit before answering: closing a
+# connection with unread data in it resets it, and the client loses the 413 it was sent. Past that,
+# a client still sending is dropped without ceremony.
+DRAIN_FACTOR = 8
+
+
+async def _drain(receive: Callable, budget: int) -> None:
+    while budget > 0:
+        message = await receive()
+        budget -= len(message.get("body", b""))
+        if message.get("type") != "http.request" or not message.get("more_body", False):
+            return
 
 
 async def _too_large(limit: int, send: Callable) -> None:
