@@ -19,7 +19,7 @@ from llmkit.cli._options import (
 
 EXAMPLES = """\b
 Examples:
-  llmkit serve -m tiny-shakespeare --port 8000
+  llmkit serve -m tiny-shakespeare --port 8000      # then open http://127.0.0.1:8000/
   llmkit generate --server http://127.0.0.1:8000 "ROMEO:" -n 40
   curl -s localhost:8000/v1/completions -d '{"prompt": "ROMEO:", "max_tokens": 20}'
 """
@@ -52,6 +52,9 @@ def serve(
         ),
     ] = None,
     max_body_mb: Annotated[float, typer.Option("--max-body-mb", help="Largest request body accepted.")] = 8.0,
+    ui: Annotated[
+        bool, typer.Option("--ui/--no-ui", help="Serve the playground page at / (--no-ui: the API only).")
+    ] = True,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quantize: QuantizeOpt = None,
@@ -78,7 +81,7 @@ def serve(
     lm = load_model(load_config(model, device, dtype, offline, allow_pickle, quantize))
     engine = Engine(lm, max_batch=batch_size or AUTO_BATCH.get(lm.device.type, 16))
     access = out.console().print if out.settings.verbose else None
-    app = create_app(engine, model, api_key, int(max_body_mb * 2**20), access_log=_plain(access))
+    app = create_app(engine, model, api_key, int(max_body_mb * 2**20), access_log=_plain(access), ui=ui)
     engine.start()
     code = server.run(
         app,

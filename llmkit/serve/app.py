@@ -9,9 +9,10 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from llmkit.serve import chat, completions, errors
+from llmkit.serve import ui as ui_page
 from llmkit.serve.engine import Engine
 from llmkit.serve.errors import APIError
 from llmkit.serve.schemas import ChatRequest, CompletionRequest
@@ -25,6 +26,7 @@ def create_app(
     api_key: str | None = None,
     max_body: int = DEFAULT_MAX_BODY,
     access_log: Callable[[str], None] | None = None,
+    ui: bool = True,
 ) -> FastAPI:
     app = FastAPI(title="llmkit", docs_url=None, redoc_url=None)
     errors.install(app)
@@ -42,7 +44,17 @@ def create_app(
     async def health() -> JSONResponse:
         if not engine.alive:
             return errors.response(503, "the decoding worker has stopped", "server_error")
-        return JSONResponse({"status": "ok", "model": model_name, **engine.stats()})
+        chat_template = bool(getattr(engine.tokenizer, "chat_template", None))
+        return JSONResponse(
+            {"status": "ok", "model": model_name, "chat_template": chat_template, **engine.stats()}
+        )
+
+    if ui:  # the playground: a static page, no key needed to load it (it asks for one when the API does)
+        page = ui_page.page()
+
+        @app.get("/", include_in_schema=False)
+        async def playground() -> HTMLResponse:
+            return HTMLResponse(page, headers=ui_page.HEADERS)
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models() -> dict[str, Any]:
