@@ -260,7 +260,8 @@ def _tokenizer(cfg: TrainConfig, source: ModelSource | None) -> Any:
 def _fresh_model(
     cfg: TrainConfig, source: ModelSource | None, tokenizer: Any, dropout: dict[str, float]
 ) -> Any:
-    """Random weights in the base model's shape, with the from-scratch overrides."""
+    """Random weights in the base model's shape, with the from-scratch overrides, in float32."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if source is None:
@@ -285,7 +286,9 @@ def _fresh_model(
         tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     )
     config.eos_token_id = tokenizer.eos_token_id
-    return AutoModelForCausalLM.from_config(config)
+    # float32 master weights whatever the base's config says (the built-in model's says bfloat16, and
+    # transformers would build in it): bf16 speed comes from autocast, not from the parameters.
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
 def _checkpointing(model: Any, enable: bool) -> None:
