@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 from llmkit.errors import UsageError
 
 Truncate = Literal["left", "error"]
+
+# Sampling values whose arithmetic stays finite, shared by `generate` and `serve` so both refuse
+# (or normalise) the same things. Logits are divided by the temperature: below this it samples as
+# greedy, as vLLM does (1/1e-300 overflows float32 and every probability becomes NaN).
+GREEDY_BELOW = 1e-5
+# transformers divides positive scores by the repetition penalty and multiplies negative ones:
+# 5e-324 is 0 in float32 (a division by zero) and 1e300 is inf (0 * inf is NaN).
+REPETITION_PENALTY_MIN = 0.01
+REPETITION_PENALTY_MAX = 100.0
+# What torch.Generator.manual_seed takes without overflowing: a signed 64-bit integer.
+SEED_MIN = -(2**63)
+SEED_MAX = 2**63 - 1
+
+
+def is_greedy(temperature: float) -> bool:
+    """A temperature too small to divide by means greedy decoding."""
+    return temperature < GREEDY_BELOW
 
 
 def _check(ok: bool, message: str, hint: str | None = None) -> None:
@@ -116,12 +134,24 @@ class GenerateConfig:
             _check(
                 self.min_new_tokens <= self.max_new_tokens, "--min-new-tokens cannot exceed --max-new-tokens"
             )
-        _check(self.temperature >= 0, "--temperature must be 0 or more", "0 means greedy decoding")
+        _check(
+            math.isfinite(self.temperature) and self.temperature >= 0,
+            "--temperature must be a finite number, 0 or more",
+            f"0 (or anything below {GREEDY_BELOW:g}) means greedy decoding",
+        )
         _check(self.top_k >= 0, "--top-k must be 0 or more", "0 disables top-k filtering")
         _check(0 < self.top_p <= 1, "--top-p must be in (0, 1]")
         _check(self.min_p is None or 0 <= self.min_p <= 1, "--min-p must be in [0, 1]")
         _check(self.typical_p is None or 0 < self.typical_p <= 1, "--typical-p must be in (0, 1]")
-        _check(self.repetition_penalty > 0, "--repetition-penalty must be positive", "1.0 disables it")
+        _check(
+            REPETITION_PENALTY_MIN <= self.repetition_penalty <= REPETITION_PENALTY_MAX,
+            f"--repetition-penalty must be in [{REPETITION_PENALTY_MIN:g}, {REPETITION_PENALTY_MAX:g}]",
+            "1.0 disables it; above 1 discourages repeats, below 1 encourages them",
+        )
+        _check(
+            self.seed is None or SEED_MIN <= self.seed <= SEED_MAX,
+            f"--seed must be in [{SEED_MIN}, {SEED_MAX}] (a signed 64-bit integer)",
+        )
         _check(self.no_repeat_ngram_size >= 0, "--no-repeat-ngram-size must be 0 or more")
         _check(self.num_samples >= 1, "--num-samples must be at least 1")
         _check(
@@ -135,7 +165,7 @@ class GenerateConfig:
 
     @property
     def do_sample(self) -> bool:
-        return not self.greedy and self.temperature > 0
+        return not self.greedy and not is_greedy(self.temperature)
 
 
 @dataclass
@@ -261,6 +291,8 @@ class TrainConfig:
     report_to: str | None = None
     """An accelerate tracker: tensorboard, wandb, …"""
     overwrite: bool = False
+    """Start over in an OUT holding an earlier run's model or checkpoints (refused without it), or in a
+    non-empty directory that isn't a run (its model files are replaced)."""
     save_dtype: str = "float32"
     """Dtype of the final weights: float32, or bfloat16/float16 for half the size."""
     save_every: int = 500
@@ -386,8 +418,11 @@ class TrainConfig:
 
     @property
     def peak_lr(self) -> float:
-        if self.lr is not None:
-            return self.lr
-        if self.lora:
+        return self.lr if self.lr is not None else self.default_lr(self.lora, self.from_scratch)
+
+    @staticmethod
+    def default_lr(lora: bool, from_scratch: bool) -> float:
+        """The peak learning rate when --lr is not given (also what a saved run without it used)."""
+        if lora:
             return 2e-4  # the LoRA paper's rate for GPT-2: a few small matrices, starting from zero
-        return 6e-4 if self.from_scratch else 5e-5
+        return 6e-4 if from_scratch else 5e-5

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmkit.serve.completions import Run, check_budget, sampling_params
+from llmkit.serve.completions import Run, check_budget, choice_seed, sampling_params
 from llmkit.serve.engine import Chunk, Engine, TokenInfo
 from llmkit.serve.errors import APIError
 from llmkit.serve.schemas import ChatRequest
@@ -21,17 +21,24 @@ def chat_run(engine: Engine, req: ChatRequest, model: str) -> tuple[Run, list[in
             code="no_chat_template",
         )
     conversation = [{"role": m.role, "content": m.text()} for m in req.messages]
-    ids = list(
-        tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=False)
-    )
+    try:
+        ids = list(
+            tok.apply_chat_template(
+                conversation, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        )
+    except Exception as exc:  # the template's own refusals (jinja2's raise_exception, bad roles)
+        raise APIError(
+            400, f"the chat template refused these messages: {exc}", param="messages", code="invalid_value"
+        ) from exc
     limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens = limit if limit is not None else engine.context - len(ids)
     check_budget(engine, len(ids), max_tokens)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    params = sampling_params(req, max_tokens, logprobs, echo=False)
+    params = sampling_params(engine, req, max_tokens, logprobs, echo=False)
     run = Run(engine, "chat.completion", model)
     for j in range(req.n):
-        run.add(ids, None, params, None if req.seed is None else req.seed + j)
+        run.add(ids, None, params, choice_seed(req.seed, j))
     return run, [len(ids)]
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from llmkit.serve.engine import Chunk, Engine, Sequence, TokenInfo
 from llmkit.serve.errors import APIError
 from llmkit.serve.sampling import SamplingParams
-from llmkit.serve.schemas import CompletionRequest, Sampling
+from llmkit.serve.schemas import MAX_PROMPTS, CompletionRequest, Sampling
 
 DISCONNECT_POLL_S = 0.5
 
@@ -59,7 +59,18 @@ def logprobs_object(tokens: list[TokenInfo]) -> dict[str, Any]:
     }
 
 
-def sampling_params(req: Sampling, max_tokens: int, logprobs: int | None, echo: bool) -> SamplingParams:
+def sampling_params(
+    engine: Engine, req: Sampling, max_tokens: int, logprobs: int | None, echo: bool
+) -> SamplingParams:
+    vocab = len(engine.tokenizer)
+    outside = [k for k in req.logit_bias or {} if int(k) >= vocab]
+    if outside:
+        raise APIError(
+            400,
+            f"logit_bias: token id {outside[0]} is outside the vocabulary (0–{vocab - 1})",
+            param="logit_bias",
+            code="invalid_value",
+        )
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=req.temperature,
@@ -77,6 +88,11 @@ def sampling_params(req: Sampling, max_tokens: int, logprobs: int | None, echo: 
         logprobs=logprobs,
         echo=echo,
     )
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed of a request's `index`-th choice: seed + index, wrapped into torch's 64 bits."""
+    return None if seed is None else (seed + index) % 2**64
 
 
 def encode_prompts(engine: Engine, prompt: Any) -> list[tuple[list[int], str | None]]:
@@ -224,15 +240,23 @@ def completion_run(engine: Engine, req: CompletionRequest, model: str) -> tuple[
     if req.best_of is not None and req.best_of != req.n:
         raise APIError(400, "best_of other than n is not supported", param="best_of")
     prompts = encode_prompts(engine, req.prompt)
+    if len(prompts) * req.n > MAX_PROMPTS:
+        raise APIError(
+            400,
+            f"{len(prompts)} prompts × n {req.n} is {len(prompts) * req.n} choices; at most {MAX_PROMPTS} "
+            "per request",
+            param="n",
+            code="invalid_value",
+        )
     run = Run(engine, "text_completion", model)
     lengths = []
     for ids, text in prompts:
         max_tokens = req.max_tokens if req.max_tokens is not None else engine.context - len(ids)
         check_budget(engine, len(ids), max_tokens)
-        params = sampling_params(req, max_tokens, req.logprobs, req.echo)
+        params = sampling_params(engine, req, max_tokens, req.logprobs, req.echo)
         lengths.append(len(ids))
         for j in range(req.n):
-            run.add(ids, text, params, None if req.seed is None else req.seed + j)
+            run.add(ids, text, params, choice_seed(req.seed, j))
     return run, lengths
 
 

@@ -13,7 +13,8 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -130,6 +131,18 @@ class Sequence:
         if not self.finished:
             self.finished = True
             self.deliver(Chunk(error=error))
+
+    @contextmanager
+    def alone(self) -> Iterator[None]:
+        """What fails in this sequence's own work (sampling, processors, stops, text) ends it alone.
+
+        The batch's other rows go on as if it had finished; only the shared forward pass may fail
+        them all.
+        """
+        try:
+            yield
+        except Exception as exc:
+            self.fail(exc)
 
     def finish_empty(self) -> None:
         """max_tokens 0: only the prompt (echo, scoring) was asked for."""
@@ -308,11 +321,12 @@ class Engine:
         for i, seq in enumerate(new):
             n = len(seq.prompt_ids)
             prompt_logits = logits[i, width - n : width - 1] if scoring else None
-            seq.begin(prompt_logits)
-            if seq.params.max_tokens == 0:
-                seq.finish_empty()
-                continue
-            seq.advance(logits[i, -1])
+            with seq.alone():
+                seq.begin(prompt_logits)
+                if seq.params.max_tokens == 0:
+                    seq.finish_empty()
+                    continue
+                seq.advance(logits[i, -1])
             if not seq.finished:
                 keep.append(i)
         if not keep:
@@ -365,7 +379,8 @@ class Engine:
         self._mask = mask
         logits = out.logits[:, -1].float()
         for i, seq in enumerate(rows):
-            seq.advance(logits[i])
+            with seq.alone():
+                seq.advance(logits[i])
 
     def _drop(self) -> None:
         """Finished and cancelled rows leave the batch; all-padding columns go with them."""

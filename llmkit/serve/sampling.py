@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from llmkit.config import is_greedy
+
 if TYPE_CHECKING:
     import torch
 
@@ -34,7 +36,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return is_greedy(self.temperature)
 
 
 class Sampler:
@@ -54,7 +56,7 @@ class Sampler:
 
         self.params = params
         self.eos_ids = sorted(eos_ids)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed % 2**64)  # torch's own reading of negatives
         processors: list[Any] = []
         if params.repetition_penalty != 1.0:
             processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
@@ -73,6 +75,9 @@ class Sampler:
         self.processors = LogitsProcessorList(processors)
         self.warpers = LogitsProcessorList(warpers)
         self.counts: dict[int, int] = {}
+        # One indexed add per step, however many tokens the bias names.
+        self.bias_ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
+        self.bias_values = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32)
 
     def adjust(self, logits: torch.Tensor, context: torch.Tensor | None, generated: int) -> torch.Tensor:
         """Penalties, bias and min_tokens on one row [1, vocab] (float32) given the ids so far [1, n]."""
@@ -84,8 +89,8 @@ class Sampler:
         if p.presence_penalty or p.frequency_penalty:
             for token, count in self.counts.items():
                 scores[0, token] -= p.presence_penalty + p.frequency_penalty * count
-        for token, bias in p.logit_bias.items():
-            scores[0, token] += bias
+        if p.logit_bias:
+            scores[0].index_add_(0, self.bias_ids, self.bias_values)
         if generated < p.min_tokens and self.eos_ids:
             scores[0, self.eos_ids] = float("-inf")
         return scores

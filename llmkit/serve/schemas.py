@@ -1,46 +1,74 @@
 """The OpenAI request bodies llmkit serves, as pydantic models (what FastAPI validates against).
 
 Strict types: a string where a number belongs is an error, not a guess. Ranges are OpenAI's where
-it has them; llmkit's own sampling options carry the CLI's names.
+it has them; llmkit's own sampling options carry the CLI's names, and every number has a range
+that keeps the sampling arithmetic finite (the CLI refuses the same values: llmkit.config).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+from llmkit.config import REPETITION_PENALTY_MAX, REPETITION_PENALTY_MIN, SEED_MAX, SEED_MIN
 
 MAX_N = 128
 MAX_STOP = 16
-MAX_PROMPTS = 2048
+MAX_STOP_CHARS = 1000
+MAX_PROMPTS = 2048  # also the most choices (prompts × n) one request may ask for
+MAX_LOGIT_BIAS = 1024
+MAX_INT = 2**31 - 1  # counts (tokens, top_k) past this are no request a model can serve
+TOKEN_ID = re.compile(r"[0-9]{1,10}")
 
-Prompt = str | list[str] | list[int] | list[list[int]]
+
+def _valid_unicode(value: str) -> str:
+    # JSON can spell lone surrogates ("\ud800"); they are not text and no tokenizer takes them.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"contains a lone surrogate at character {exc.start}, which is not valid Unicode"
+        ) from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+TokenIds = list[Annotated[int, Field(ge=0, le=MAX_INT)]]
+Prompt = Text | list[Text] | TokenIds | list[TokenIds]
 
 
 class Sampling(BaseModel):
     """Fields shared by completions and chat completions."""
 
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=0)
-    temperature: float = Field(1.0, ge=0, le=2)
+    model: Text | None = None
+    max_tokens: int | None = Field(None, ge=0, le=MAX_INT)
+    temperature: float = Field(
+        1.0, ge=0, le=2, description="0 (or below 1e-5, as vLLM has it) is greedy decoding."
+    )
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Text | list[Text] | None = Field(
+        None, description=f"Up to {MAX_STOP} strings of 1–{MAX_STOP_CHARS} characters."
+    )
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, description=f"Token id (a decimal string) → bias in [-100, 100]; at most {MAX_LOGIT_BIAS}."
+    )
+    user: Text | None = None
     # llmkit's own, named as on the command line.
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=0, le=MAX_INT)
     min_p: float | None = Field(None, ge=0, le=1)
     typical_p: float | None = Field(None, gt=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0)
-    min_tokens: int = Field(0, ge=0)
+    repetition_penalty: float = Field(1.0, ge=REPETITION_PENALTY_MIN, le=REPETITION_PENALTY_MAX)
+    min_tokens: int = Field(0, ge=0, le=MAX_INT)
 
     @field_validator("stop")
     @classmethod
@@ -50,26 +78,28 @@ class Sampling(BaseModel):
             raise ValueError(f"at most {MAX_STOP} stop sequences")
         if any(not s for s in stops):
             raise ValueError("stop sequences cannot be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop sequence has at most {MAX_STOP_CHARS} characters")
         return stops
 
     @field_validator("logit_bias")
     @classmethod
     def _bias(cls, value: dict[str, float] | None) -> dict[str, float]:
-        for key, bias in (value or {}).items():
-            if not key.isdigit():
-                raise ValueError(f"logit_bias keys are token ids; got {key!r}")
-            if not -100 <= bias <= 100:
-                raise ValueError(f"logit_bias values must be in [-100, 100]; got {bias}")
+        if value is not None and len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens")
+        for key in value or {}:
+            if not TOKEN_ID.fullmatch(key):
+                raise ValueError(f"logit_bias keys are token ids (decimal digits); got {key!r}")
         return value or {}
 
 
 class CompletionRequest(Sampling):
     prompt: Prompt = ""
-    max_tokens: int | None = Field(16, ge=0)
+    max_tokens: int | None = Field(16, ge=0, le=MAX_INT)
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
-    best_of: int | None = Field(None, ge=1)
-    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
+    suffix: Text | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -84,15 +114,24 @@ class CompletionRequest(Sampling):
         return value
 
 
+class ContentPart(BaseModel):
+    """A part of a message's content; only text parts reach the model."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    type: Text
+    text: Text | None = None
+
+
 class Message(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    content: Text | list[ContentPart] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+            return "".join(part.text or "" for part in self.content if part.type == "text")
         return self.content or ""
 
 
@@ -100,4 +139,4 @@ class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=5)
-    max_completion_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0, le=MAX_INT)
