@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint bench bench-gpu demo clean
+.PHONY: install install-browser test lint bench bench-gpu demo clean
 
 # Optional extras on top, e.g. `make install EXTRAS=tensorboard` (dev, which `make test` uses, has it).
 EXTRAS ?=
@@ -22,8 +22,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-test: install
+test: install install-browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The playground's browser test (tests/test_serve_ui.py) drives Debian's chromium: installed here when
+# missing and we are root (CI is); otherwise that test skips and says to run `sudo make install-browser`.
+CHROMIUM ?= /usr/bin/chromium
+install-browser:
+	@if [ ! -x "$(CHROMIUM)" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing chromium for the browser test" >&2; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	fi
 
 lint: install
 	$(BIN)/ruff check .
