@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-browser test lint bench bench-gpu demo clean
+.PHONY: install install-browser node test lint bench bench-gpu demo clean
 
 # Optional extras on top, e.g. `make install EXTRAS=tensorboard` (dev, which `make test` uses, has it).
 EXTRAS ?=
@@ -22,8 +22,25 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-test: install install-browser
+test: install install-browser node
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# llama.cpp itself, to check `llmkit export` against (tests/test_export.py): node-llama-cpp's prebuilt
+# CPU binaries, pinned (newer releases' lock files may not install here), into a git-ignored folder.
+# Only this platform's binary package: the optional CUDA, Vulkan and ARM ones would add 650 MB.
+NODE_DIR := .node
+NODE_LLAMA_CPP_VERSION := 3.21.1
+NODE_STAMP := $(NODE_DIR)/.installed-$(NODE_LLAMA_CPP_VERSION)
+
+node: $(NODE_STAMP)
+
+$(NODE_STAMP):
+	@if ! command -v npm >/dev/null; then echo "npm not found: the llama.cpp tests will skip" >&2; exit 0; fi; \
+	  set -e; platform=$$(node -p 'process.platform + "-" + process.arch'); \
+	  mkdir -p $(NODE_DIR); test -f $(NODE_DIR)/package.json || echo '{"private": true}' > $(NODE_DIR)/package.json; \
+	  cd $(NODE_DIR) && npm install --no-audit --no-fund --ignore-scripts --omit=optional --save-exact \
+	    node-llama-cpp@$(NODE_LLAMA_CPP_VERSION) @node-llama-cpp/$$platform@$(NODE_LLAMA_CPP_VERSION) >&2; \
+	  touch .installed-$(NODE_LLAMA_CPP_VERSION)
 
 # The playground's browser test (tests/test_serve_ui.py) drives Debian's chromium: installed here when
 # missing and we are root (CI is); otherwise that test skips and says to run `sudo make install-browser`.

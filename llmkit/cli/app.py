@@ -94,6 +94,7 @@ COMMANDS = (
     ("train-tokenizer", "train_tokenizer", "train_tokenizer"),
     ("plot", "plot", "plot"),
     ("serve", "serve", "serve"),
+    ("export", "export", "export"),
 )
 
 
