@@ -32,7 +32,7 @@ class ModelSource:
 
     name: str
     path: Path
-    origin: str  # "local directory" | "built-in" | "hub cache"
+    origin: str  # "local directory" | "built-in" | "hub cache" | "GGUF file"
     base: ModelSource | None = None
     """For a LoRA adapter at `path`: the model it adapts, found by the same rules as --model."""
 
@@ -105,6 +105,10 @@ def resolve(
         source = ModelSource(name, path.resolve(), "local directory")
     elif name in builtin_names():
         source = ModelSource(name, BUILTIN_DIR / name, "built-in")
+    elif path.is_file() and path.suffix.lower() == ".gguf":
+        from llmkit.export.reading import model_dir  # read once into llmkit's cache, then like a directory
+
+        source = ModelSource(name, model_dir(path, name), "GGUF file")
     elif path.exists():
         raise ModelError(
             f"{name} is a file, not a model directory",
