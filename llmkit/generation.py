@@ -43,7 +43,7 @@ class Sample:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # stop | eos | length
-    seed: int
+    seed: int | None  # None for greedy decoding, which draws nothing
     seconds: float
 
     def record(self) -> dict[str, Any]:
@@ -124,7 +124,9 @@ class Generator:
         self.lm = lm
         self.cfg = cfg
         self.warn = warn or (lambda _msg: None)
-        self.seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
+        self.seed: int | None = None  # greedy decoding draws nothing: no seed to report
+        if cfg.do_sample:
+            self.seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
         self.batch_size = cfg.batch_size or AUTO_BATCH.get(lm.device.type, 16)
         tok = lm.tokenizer
         self.eos_id = lm.model.generation_config.eos_token_id
@@ -229,7 +231,8 @@ class Generator:
         """
         import torch
 
-        torch.manual_seed(self.seed)
+        if self.seed is not None:
+            torch.manual_seed(self.seed)
         window = self.batch_size * SORT_WINDOW_BATCHES * (shard.world if shard else 1)
         it = iter(enumerate(prompts))
         while group := [self.encode(i, p) for i, p in islice(it, window)]:
@@ -254,7 +257,8 @@ class Generator:
         """One prompt, one sample, its text delivered to `on_text` as soon as it is final."""
         import torch
 
-        torch.manual_seed(self.seed)
+        if self.seed is not None:
+            torch.manual_seed(self.seed)
         enc = self.encode(0, prompt)
         streamer = _TextStreamer(self, on_text)
         [sample] = self._generate_batch([enc], streamer=streamer)[0]

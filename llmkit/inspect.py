@@ -9,7 +9,14 @@ from typing import Any
 
 from llmkit import lora
 from llmkit.config import LoadConfig
-from llmkit.models import ModelSource, context_length, pick_device, pick_dtype, resolve
+from llmkit.models import (
+    ModelSource,
+    check_model_dir,
+    context_length,
+    pick_device,
+    pick_dtype,
+    resolve,
+)
 
 SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
@@ -38,14 +45,31 @@ def weight_stats(directory: Path) -> tuple[int | None, str | None]:
     return count, ", ".join(sorted(dtypes))
 
 
+def count_parameters(config: Any) -> int:
+    """Parameters of the model a config describes (tied ones once), built on the meta device."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
 def describe(cfg: LoadConfig) -> dict[str, Any]:
     from transformers import AutoConfig
 
-    source = resolve(cfg.model, offline=cfg.offline, allow_pickle=cfg.allow_pickle)
+    # No weights are read here, so pickle-only weights need no --allow-pickle; no weights at all still fail.
+    source = resolve(cfg.model, offline=cfg.offline, allow_pickle=cfg.allow_pickle, weights=False)
+    part: ModelSource | None = source
+    while part is not None:
+        check_model_dir(part.path, allow_pickle=True, name=part.name, tokenizer=False)
+        part = part.base
     config = AutoConfig.from_pretrained(source.model_dir, local_files_only=True, trust_remote_code=False)
     device = pick_device(cfg.device)
     dtype, why = pick_dtype(cfg.dtype, device)
     parameters, stored = weight_stats(source.model_dir)  # an adapter's merged model has its base's
+    if parameters is None:  # pickle weights only: count the config's model, built without memory
+        parameters, stored = count_parameters(config), "unknown (pickle weights, not read)"
     size = sum(p.stat().st_size for p in source.path.iterdir() if p.is_file())
     return {
         "model": cfg.model,

@@ -23,7 +23,10 @@ PICKLE_PATTERNS = ("pytorch_model*.bin", "pytorch_model.bin.index.json")
 HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken", *SAFETENSORS_PATTERNS]
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 MAX_ADAPTER_DEPTH = 8  # adapters of adapters; deeper is a loop in base_model_name_or_path
-NO_CACHE_HINT = "pass a local directory with --model, or connect once to download it"
+NO_CACHE_HINT = (
+    "pass a local directory with --model, try the built-in -m tiny-shakespeare (it works offline), "
+    "or connect once to download it"
+)
 
 
 @dataclass(frozen=True)
@@ -292,11 +295,11 @@ def quiet_transformers(verbose: bool = False) -> None:
     from transformers.utils import logging as hf_logging
 
     logging.getLogger("accelerate").setLevel(logging.INFO if verbose else logging.ERROR)
+    hf_logging.disable_progress_bar()  # "Loading weights": a bar for a second, noise even under -v
     if verbose:
         hf_logging.set_verbosity_warning()
     else:
         hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
         disable_progress_bars()
 
 

@@ -91,6 +91,7 @@ def test_ctrl_c_exits_130_without_traceback(tiny_model: Path, tmp_path: Path) ->
     rest, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert "Traceback" not in stderr
+    assert "--resume-output FILE" in stderr  # how to make the next run resumable
     assert all(line.startswith("{") and line.endswith("}") for line in rest.splitlines())  # whole lines only
 
 
@@ -171,6 +172,7 @@ def test_ctrl_c_then_resume_output_completes_the_file(tiny_model: Path, tmp_path
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in stderr
+    assert f"written to {out} by this run; the same command again continues" in stderr
     text = out.read_text()
     assert text.endswith("\n") and 5 <= text.count("\n") < 300  # only whole lines, and not all of them
     done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)

@@ -20,10 +20,12 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
     if base is not None:
         where = base.name if base.name == str(base.model_dir) else f"{base.name} ({base.model_dir})"
         adapter = f", a LoRA adapter merged into {where}"
+    precision = f"{str(lm.dtype).removeprefix('torch.')} ({lm.dtype_reason})"
+    if cfg.quantize:
+        # Loaded in float32, then every linear layer became int8: say what runs, not what loaded.
+        precision = "int8 weights in every linear layer (--quantize int8), float32 embeddings and norms"
     out.detail(
-        f"model {lm.source.name} ({lm.source.origin}: {lm.source.path}{adapter}) on {lm.device}, "
-        f"{str(lm.dtype).removeprefix('torch.')} ({lm.dtype_reason})"
-        f"{', int8 weights' if cfg.quantize else ''}"
+        f"model {lm.source.name} ({lm.source.origin}: {lm.source.path}{adapter}) on {lm.device}, {precision}"
     )
     return lm
 

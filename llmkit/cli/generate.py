@@ -34,6 +34,7 @@ def _unescape(text: str) -> str:
 
 
 def generate(
+    ctx: typer.Context,
     prompt: Annotated[
         list[str] | None,
         typer.Argument(
@@ -90,7 +91,7 @@ def generate(
         int | None,
         typer.Option(
             "--seed",
-            help="Seed for sampling (default: random, reported in JSONL and with -v).",
+            help="Seed for sampling (default: random, reported in JSONL and with -v; none when greedy).",
             show_default=False,
         ),
     ] = None,
@@ -181,6 +182,11 @@ def generate(
     check_format(fmt, ("text", "jsonl"))
     if input_file is not None and prompt:
         raise UsageError("pass a prompt or --input, not both")
+    if max_length is not None and _given(ctx, "max_new_tokens"):
+        raise UsageError(
+            "-n/--max-new-tokens and --max-length exclude each other",
+            "--max-length counts the prompt's tokens too: pass one of them",
+        )
     if resume_output is not None and (input_file is None or fmt != "jsonl"):
         raise UsageError(
             "--resume-output needs --input and --format jsonl", "ids tell which prompts are done"
@@ -213,13 +219,16 @@ def generate(
 
     summary = not out.settings.quiet and (out.settings.verbose or out.stderr_is_terminal())
     if server:
-        gen: Any = _remote(server, api_key, cfg, options)
+        gen: Any = _remote(ctx, server, api_key, cfg, options)
     else:
         from llmkit.cli._loading import load_model
         from llmkit.generation import Generator
 
         gen = Generator(load_model(load_cfg), cfg, warn=out.warn, time_first_token=summary)
-    out.detail(f"seed {gen.seed}")
+        if cfg.compile:
+            out.say("compiling… (--compile: after the first token, up to a minute on a CPU, then faster)")
+    if gen.seed is not None:
+        out.detail(f"seed {gen.seed}")
     started = time.perf_counter()
 
     def emit(samples: list) -> None:
@@ -256,13 +265,28 @@ def generate(
                     emit(samples)
                     prompts_done += 1
                     out.advance(bar)
+    except KeyboardInterrupt:
+        if input_file is not None:
+            out.say(_resume_hint(resume_output, prompts_done))
+        raise
     finally:
         sink.close()
     if summary:
         _summary(gen, prompts_done, started)
 
 
-def _remote(server: str, api_key: str | None, cfg: Any, options: dict[str, Any]) -> Any:
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the user set this option on the command line (not its default, not an env var)."""
+    return _source(ctx, name) == "COMMANDLINE"
+
+
+def _source(ctx: typer.Context, name: str) -> str:
+    """Where an option's value came from: COMMANDLINE, ENVIRONMENT, DEFAULT, … (click's names)."""
+    source = ctx.get_parameter_source(name)
+    return source.name if source is not None else "DEFAULT"
+
+
+def _remote(ctx: typer.Context, server: str, api_key: str | None, cfg: Any, options: dict[str, Any]) -> Any:
     """The server's model: load options don't apply, and saying so beats ignoring them."""
     from llmkit.errors import UsageError
     from llmkit.remote import RemoteGenerator
@@ -272,9 +296,36 @@ def _remote(server: str, api_key: str | None, cfg: Any, options: dict[str, Any])
         if options[name] != default:
             flag = "--" + name.replace("_", "-")
             raise UsageError(f"{flag} applies to a local model", "the server loaded its model: set it there")
-    model = options["model"] if options["model"] != "gpt2" else None
     out.detail(f"server {server}")
-    return RemoteGenerator(server, cfg, api_key=api_key, model=model)
+    gen = RemoteGenerator(server, cfg, api_key=api_key)
+    model, source = options["model"], _source(ctx, "model")
+    if source not in ("COMMANDLINE", "ENVIRONMENT"):
+        return gen  # no -m: whatever the server serves
+    served = gen.served_models()
+    if served is None or gen.serves(model, served):
+        gen.model = model  # servers of several models (vLLM, say) pick by this name
+        return gen
+    names = ", ".join(served) or "no model"
+    if source == "COMMANDLINE":
+        raise UsageError(
+            f"-m {model}: the server at {gen.url} serves {names}",
+            "drop -m to use the server's model, or start a server with that model",
+        )
+    out.warn(f"LLMKIT_MODEL={model} is not used: the server at {gen.url} serves {names}")
+    return gen
+
+
+def _resume_hint(resume_output: str | None, prompts_done: int) -> str:
+    """After Ctrl-C in an --input run: how to carry on from here."""
+    if resume_output is not None:
+        return (
+            f"{prompts_done} prompt(s) written to {resume_output} by this run; "
+            "the same command again continues after the last complete prompt"
+        )
+    return (
+        f"{prompts_done} prompt(s) were written; to make a run resumable, write it with "
+        "--format jsonl --resume-output FILE: the same command again then continues where it stopped"
+    )
 
 
 class _Sink:

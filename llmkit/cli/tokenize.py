@@ -32,7 +32,9 @@ def tokenize(
     file: Annotated[
         str | None, typer.Option("--file", help="Read the text from this file.", show_default=False)
     ] = None,
-    tokens: Annotated[bool, typer.Option("--tokens", help="Print token strings instead of ids.")] = False,
+    tokens: Annotated[
+        bool, typer.Option("--tokens", help="Print token strings instead of ids (JSON has both).")
+    ] = False,
     count: Annotated[bool, typer.Option("--count", "-c", help="Print only the number of tokens.")] = False,
     decode: Annotated[bool, typer.Option("--decode", "-d", help="Read ids, print the text.")] = False,
     fmt: FormatOpt = "text",
@@ -67,14 +69,14 @@ def tokenize(
 
 def _encode(tokenizer, stream, fmt: str, *, tokens: bool, count: bool, label: str) -> None:
     from llmkit.errors import InputError
-    from llmkit.tokens import iter_ids
+    from llmkit.tokens import SMALL_CHUNK_CHARS, count_tokens, iter_ids
 
     total, all_ids, first = 0, [], True
     try:
-        for ids, _ in iter_ids(tokenizer, stream):
+        if count:
+            total = count_tokens(tokenizer, stream)
+        for ids, _ in [] if count else iter_ids(tokenizer, stream, SMALL_CHUNK_CHARS):
             total += len(ids)
-            if count:
-                continue
             if fmt == "json":
                 all_ids.extend(ids)
             elif ids:
@@ -84,11 +86,11 @@ def _encode(tokenizer, stream, fmt: str, *, tokens: bool, count: bool, label: st
     except UnicodeDecodeError as exc:
         raise InputError(f"{label}: not valid UTF-8 (byte {exc.start})", "convert it to UTF-8") from None
     if fmt == "json":
+        # The whole answer: ids and their strings side by side (--count asks for the number only).
         record: dict = {"count": total}
         if not count:
             record["ids"] = all_ids
-            if tokens:
-                record["tokens"] = tokenizer.convert_ids_to_tokens(all_ids)
+            record["tokens"] = tokenizer.convert_ids_to_tokens(all_ids)
         out.write_json(record)
     elif count:
         out.write(f"{total}\n")
