@@ -53,11 +53,12 @@ def export(
 
     from llmkit.export import tokenizer as vocab_io
     from llmkit.export.ollama import modelfile
-    from llmkit.export.writer import FILE_TYPES, add_tensors, write_atomic, write_text_atomic
+    from llmkit.export.writer import FILE_TYPES, add_tensors, check_output, write_atomic, write_text_atomic
     from llmkit.models import load_tokenizer, load_weights, resolve
 
     if type not in TYPES:
         raise UsageError(f"unknown --type {type!r}", f"use one of: {', '.join(TYPES)}")
+    check_output(out)
     start = time.perf_counter()
     source = resolve(model, offline=offline, allow_pickle=allow_pickle)
     config = AutoConfig.from_pretrained(source.model_dir, local_files_only=True, trust_remote_code=False)

@@ -96,12 +96,16 @@ def temporary_name(out: Path) -> Path:
     return out.with_name(f".{out.name}.{os.getpid()}.partial")
 
 
-def write_atomic(writer: gguf.GGUFWriter, out: Path) -> int:
-    """Header, metadata and tensors to a temporary name beside `out`, then renamed; returns the size."""
+def check_output(out: Path) -> None:
+    """Before any loading: a place a file can go."""
     if out.is_dir():
         raise OutputError(f"{out} is a directory", "pass a file name such as model.gguf")
     if not out.parent.is_dir():
         raise OutputError(f"no such directory: {out.parent}", "create it first, or pick another -o")
+
+
+def write_atomic(writer: gguf.GGUFWriter, out: Path) -> int:
+    """Header, metadata and tensors to a temporary name beside `out`, then renamed; returns the size."""
     tmp = temporary_name(out)
     try:
         writer.write_header_to_file(path=tmp)
