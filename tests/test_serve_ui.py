@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -63,12 +65,35 @@ def browser() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The tiny model with a chat template, decoding slowly enough to stop."""
-    model = with_chat_template(tiny_model, tmp_path_factory.mktemp("ui") / "chat")
-    srv = Server("-m", model, env={"LLMKIT_TEST_STEP_DELAY": str(STEP_DELAY)})
-    yield srv
-    srv.stop()
+def servers(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Server]]:
+    """Three servers, started (and stopped) together: start-up is most of this file's time.
+
+    main: the tiny model with a chat template, decoding slowly enough to stop; key: the plain tiny
+    model (no chat template) behind --api-key; api: --no-ui.
+    """
+    chat_model = with_chat_template(tiny_model, tmp_path_factory.mktemp("ui") / "chat")
+    specs = {
+        "main": (("-m", chat_model), {"LLMKIT_TEST_STEP_DELAY": str(STEP_DELAY)}),
+        "key": (("-m", tiny_model, "--api-key", KEY), {}),
+        "api": (("-m", tiny_model, "--no-ui"), {}),
+    }
+    with ThreadPoolExecutor(len(specs)) as pool:
+        futures = {name: pool.submit(Server, *args, env=env) for name, (args, env) in specs.items()}
+    started = {name: f.result() for name, f in futures.items() if f.exception() is None}
+    try:
+        for f in futures.values():
+            f.result()  # re-raise a start-up failure, after the others are known
+        yield started
+    finally:
+        for srv in started.values():
+            srv.proc.send_signal(signal.SIGTERM)
+        for srv in started.values():
+            srv.stop()
+
+
+@pytest.fixture(scope="module")
+def server(servers: dict[str, Server]) -> Server:
+    return servers["main"]
 
 
 @pytest.fixture
@@ -156,6 +181,12 @@ def test_the_page_streams_what_the_api_answers_and_shows_each_tokens_alternative
     page.hover("#prompt-tokens .tok >> nth=0")
     assert "nothing before it" in page.text_content("#tip")
 
+    set_controls(page, max_tokens=0)  # the prompt scored, nothing generated
+    page.click("#run")
+    page.wait_for_selector("#output[data-state='done']")
+    assert page.text_content("#completion") == "" and page.text_content("#prompt-tokens") == prompt
+    assert page.locator("#prompt-tokens .tok").count() == prompt_count
+
 
 def test_stop_cancels_the_request_on_the_server(server: Server, page: Any) -> None:
     open_page(page, server)
@@ -201,50 +232,44 @@ def test_chat_tab_streams_the_chat_completion(server: Server, page: Any) -> None
 
 
 def test_api_key_is_asked_for_kept_in_the_tab_and_never_in_the_html(
-    tiny_model: Path, browser: Any, page: Any
+    servers: dict[str, Server], page: Any
 ) -> None:
-    srv = Server("-m", tiny_model, "--api-key", KEY)
-    try:
-        with urllib.request.urlopen(srv.url + "/", timeout=30) as response:  # no key needed for the page
-            html = response.read().decode()
-            assert response.status == 200 and response.headers["content-type"].startswith("text/html")
-            assert "connect-src 'self'" in response.headers["content-security-policy"]
-        assert KEY not in html
+    srv = servers["key"]
+    with urllib.request.urlopen(srv.url + "/", timeout=30) as response:  # no key needed for the page
+        html = response.read().decode()
+        assert response.status == 200 and response.headers["content-type"].startswith("text/html")
+        assert "connect-src 'self'" in response.headers["content-security-policy"]
+    assert KEY not in html
 
-        open_page(page, srv)
-        # No chat template on this model: the tab says why there is no chat.
-        page.click("#tab-chat")
-        assert page.is_visible("#no-chat") and "no chat template" in page.text_content("#no-chat")
-        assert page.is_hidden("#chat-input")
-        page.click("#tab-complete")
+    open_page(page, srv)
+    # No chat template on this model: the tab says why there is no chat.
+    page.click("#tab-chat")
+    assert page.is_visible("#no-chat") and "no chat template" in page.text_content("#no-chat")
+    assert page.is_hidden("#chat-input")
+    page.click("#tab-complete")
 
-        set_controls(page, max_tokens=5, temperature=0)
-        page.click("#run")  # 401: the page asks for the key
-        page.wait_for_selector("#keybar:not([hidden])")
-        page.fill("#key", "wrong")
-        page.click("#keybar button[type=submit]")  # tried again at once, refused again
-        page.wait_for_function("() => document.querySelector('#key-why').textContent.includes('refused')")
-        page.fill("#key", KEY)
-        page.click("#keybar button[type=submit]")  # ... and this time the request runs
-        page.wait_for_selector("#output[data-state='done']")
-        _, answer = srv.post(
-            "/v1/completions",
-            {"prompt": "ROMEO:", "max_tokens": 5, "temperature": 0},
-            headers={"Authorization": f"Bearer {KEY}"},
-        )
-        assert page.text_content("#completion") == answer["choices"][0]["text"]
-        assert page.evaluate("() => sessionStorage.getItem('llmkit-api-key')") == KEY
-        assert KEY not in page.content()
-    finally:
-        srv.stop()
+    set_controls(page, max_tokens=5, temperature=0)
+    page.click("#run")  # 401: the page asks for the key
+    page.wait_for_selector("#keybar:not([hidden])")
+    page.fill("#key", "wrong")
+    page.click("#keybar button[type=submit]")  # tried again at once, refused again
+    page.wait_for_function("() => document.querySelector('#key-why').textContent.includes('refused')")
+    page.fill("#key", KEY)
+    page.click("#keybar button[type=submit]")  # ... and this time the request runs
+    page.wait_for_selector("#output[data-state='done']")
+    _, answer = srv.post(
+        "/v1/completions",
+        {"prompt": "ROMEO:", "max_tokens": 5, "temperature": 0},
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+    assert page.text_content("#completion") == answer["choices"][0]["text"]
+    assert page.evaluate("() => sessionStorage.getItem('llmkit-api-key')") == KEY
+    assert KEY not in page.content()
 
 
-def test_no_ui_serves_the_api_only(tiny_model: Path) -> None:
-    srv = Server("-m", tiny_model, "--no-ui")
-    try:
-        status, body = srv.get("/")
-        assert status == 404 and body["error"]["type"] == "not_found_error"
-        status, health = srv.get("/health")
-        assert status == 200 and health["chat_template"] is False
-    finally:
-        srv.stop()
+def test_no_ui_serves_the_api_only(servers: dict[str, Server]) -> None:
+    status, body = servers["api"].get("/")
+    assert status == 404 and body["error"]["type"] == "not_found_error"
+    status, health = servers["api"].get("/health")
+    assert status == 200 and health["chat_template"] is False
+    assert servers["api"].post("/v1/completions", {"prompt": "a", "max_tokens": 2})[0] == 200
