@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from tests.serving import Server, with_chat_template
+from serving import Server, with_chat_template
 
 CHROMIUM = os.environ.get("LLMKIT_TEST_CHROMIUM", "/usr/bin/chromium")
 ARGS = [
