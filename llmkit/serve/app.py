@@ -12,6 +12,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from llmkit.serve import chat, completions, errors
+from llmkit.serve import responses as doc
 from llmkit.serve import ui as ui_page
 from llmkit.serve.engine import Engine
 from llmkit.serve.errors import APIError
@@ -30,6 +31,8 @@ def create_app(
 ) -> FastAPI:
     app = FastAPI(title="llmkit", docs_url=None, redoc_url=None)
     errors.install(app)
+    doc.install(app, bearer=api_key is not None)  # GET /openapi.json: what is really sent
+    auth = (401,) if api_key is not None else ()
     started = int(time.time())
 
     def authorized(request: Request) -> None:
@@ -40,7 +43,12 @@ def create_app(
     if access_log is not None:
         app.add_middleware(_AccessLog, log=access_log)
 
-    @app.get("/health")
+    @app.get(
+        "/health",
+        operation_id="health",
+        response_model=None,
+        responses={**doc.ok(doc.Health, "Serving."), **doc.errors(503)},
+    )
     async def health() -> JSONResponse:
         if not engine.alive:
             return errors.response(503, "the decoding worker has stopped", "server_error")
@@ -56,12 +64,24 @@ def create_app(
         async def playground() -> HTMLResponse:
             return HTMLResponse(page, headers=ui_page.HEADERS)
 
-    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    @app.get(
+        "/v1/models",
+        operation_id="listModels",
+        dependencies=[Depends(authorized)],
+        response_model=None,
+        responses={**doc.ok(doc.ModelList, "The one model this server serves."), **doc.errors(*auth)},
+    )
     async def models() -> dict[str, Any]:
         entry = {"id": model_name, "object": "model", "created": started, "owned_by": "llmkit"}
         return {"object": "list", "data": [entry]}
 
-    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    @app.post(
+        "/v1/completions",
+        operation_id="createCompletion",
+        dependencies=[Depends(authorized)],
+        response_model=None,
+        responses={**doc.streamed(doc.Completion, doc.CompletionChunk), **doc.errors(400, *auth, 413, 500)},
+    )
     async def create_completion(req: CompletionRequest, request: Request) -> Any:
         run, lengths = completions.completion_run(engine, req, model_name)
         run.start()
@@ -77,7 +97,16 @@ def create_app(
             pass
         return completions.completion_body(run, logprobs, lengths)
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    @app.post(
+        "/v1/chat/completions",
+        operation_id="createChatCompletion",
+        dependencies=[Depends(authorized)],
+        response_model=None,
+        responses={
+            **doc.streamed(doc.ChatCompletion, doc.ChatCompletionChunk),
+            **doc.errors(400, *auth, 413, 500),
+        },
+    )
     async def create_chat_completion(req: ChatRequest, request: Request) -> Any:
         run, lengths = chat.chat_run(engine, req, model_name)
         run.start()
@@ -101,7 +130,8 @@ def _sse(
                 yield f"data: {json.dumps(render(index, chunk), ensure_ascii=False)}\n\n"
             extra = usage()
             if extra is not None:
-                body = {"id": run.id, "object": run.kind, "created": run.created, "model": run.model}
+                kind = "chat.completion.chunk" if run.kind == "chat.completion" else run.kind  # as OpenAI's
+                body = {"id": run.id, "object": kind, "created": run.created, "model": run.model}
                 yield f"data: {json.dumps({**body, 'choices': [], 'usage': extra})}\n\n"
         except APIError as exc:
             yield f"data: {json.dumps(exc.body())}\n\n"

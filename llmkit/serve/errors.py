@@ -30,8 +30,15 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def response(status: int, message: str, type_: str, param: str | None = None, code: str | None = None):
-    return JSONResponse(error_body(message, type_, param, code), status_code=status)
+def response(
+    status: int,
+    message: str,
+    type_: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
 
 
 def install(app: FastAPI) -> None:
@@ -55,7 +62,8 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return response(exc.status_code, str(exc.detail), kind)
+        # starlette's HTTPException carries headers the status needs, e.g. the `Allow` of a 405 (RFC 9110)
+        return response(exc.status_code, str(exc.detail), kind, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _crash(_: Request, exc: Exception) -> JSONResponse:

@@ -8,6 +8,7 @@ that keeps the sampling arithmetic finite (the CLI refuses the same values: llmk
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
@@ -34,6 +35,41 @@ def _valid_unicode(value: str) -> str:
     return value
 
 
+def _document(keywords: Callable[[dict[str, Any]], dict[str, Any]]) -> Callable[[dict[str, Any]], None]:
+    """Adds what a field validator checks to the field's JSON schema (GET /openapi.json shows it).
+
+    `keywords(branch)` gives the keywords for each branch of the field's union (its `anyOf`).
+    """
+
+    def extra(schema: dict[str, Any]) -> None:
+        for branch in schema.get("anyOf", [schema]):
+            branch.update(keywords(branch))
+
+    return extra
+
+
+def _stop_keywords(branch: dict[str, Any]) -> dict[str, Any]:
+    text = {"minLength": 1, "maxLength": MAX_STOP_CHARS}
+    if branch.get("type") == "array":
+        return {"maxItems": MAX_STOP, "items": {**branch["items"], **text}}
+    return text if branch.get("type") == "string" else {}
+
+
+def _bias_keywords(branch: dict[str, Any]) -> dict[str, Any]:
+    if branch.get("type") != "object":
+        return {}
+    return {"propertyNames": {"pattern": f"^{TOKEN_ID.pattern}$"}, "maxProperties": MAX_LOGIT_BIAS}
+
+
+def _prompt_keywords(branch: dict[str, Any]) -> dict[str, Any]:
+    if branch.get("type") != "array":
+        return {}
+    items = branch["items"]
+    if items.get("type") == "array":  # prompts of token ids: none empty
+        items = {**items, "minItems": 1}
+    return {"minItems": 1, "maxItems": MAX_PROMPTS, "items": items}
+
+
 Text = Annotated[str, AfterValidator(_valid_unicode)]
 TokenIds = list[Annotated[int, Field(ge=0, le=MAX_INT)]]
 Prompt = Text | list[Text] | TokenIds | list[TokenIds]
@@ -54,13 +90,17 @@ class Sampling(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     stop: Text | list[Text] | None = Field(
-        None, description=f"Up to {MAX_STOP} strings of 1–{MAX_STOP_CHARS} characters."
+        None,
+        description=f"Up to {MAX_STOP} strings of 1–{MAX_STOP_CHARS} characters.",
+        json_schema_extra=_document(_stop_keywords),
     )
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
-        None, description=f"Token id (a decimal string) → bias in [-100, 100]; at most {MAX_LOGIT_BIAS}."
+        None,
+        description=f"Token id (a decimal string) → bias in [-100, 100]; at most {MAX_LOGIT_BIAS}.",
+        json_schema_extra=_document(_bias_keywords),
     )
     user: Text | None = None
     # llmkit's own, named as on the command line.
@@ -94,7 +134,7 @@ class Sampling(BaseModel):
 
 
 class CompletionRequest(Sampling):
-    prompt: Prompt = ""
+    prompt: Prompt = Field("", json_schema_extra=_document(_prompt_keywords))
     max_tokens: int | None = Field(16, ge=0, le=MAX_INT)
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
