@@ -13,23 +13,18 @@ def render(meta: dict[str, Any]) -> str:
         ("base model", f"`{cfg['model']}`"),
         ("parameters", f"{meta['parameters']:,}"),
         *_lora_rows(meta),
+        ("data", _data(data)),
         (
-            "data",
-            f"{data['documents']:,} documents, {data['tokens']:,} tokens "
-            f"({data['train_blocks']:,} train / {data['val_blocks']:,} validation blocks of "
-            f"{data['block_size']})",
+            "steps",
+            f"{metrics['step']:,} ({metrics['epoch']:.2f} epochs, "
+            f"{_plural(metrics['tokens'], 'token')} seen)",
         ),
-        ("steps", f"{metrics['step']:,} ({metrics['epoch']:.2f} epochs, {metrics['tokens']:,} tokens seen)"),
         (
             "batch",
-            f"{meta['effective_batch']} blocks per step ({cfg['batch_size']} × {cfg['grad_accum']} "
-            f"accumulation × {meta['processes']} processes)",
+            f"{_plural(meta['effective_batch'], 'block')} per step ({cfg['batch_size']} per batch × "
+            f"{cfg['grad_accum']} accumulation × {_plural(meta['processes'], 'process', 'es')})",
         ),
-        (
-            "optimizer",
-            f"AdamW, lr {meta['lr']:g} ({cfg['lr_schedule']}, {meta['warmup_steps']} warmup "
-            f"steps), weight decay {cfg['weight_decay']:g}, grad clip {cfg['max_grad_norm']:g}",
-        ),
+        ("optimizer", _optimizer(meta)),
         ("precision", meta["mixed_precision"]),
         ("final train loss", f"{metrics['loss']:.4f}" if metrics.get("loss") is not None else "n/a"),
         ("validation perplexity", f"{ppl:.3f}" if ppl is not None else "n/a (no validation data)"),
@@ -65,6 +60,44 @@ $ llmkit generate -m {meta["name"]} "Your prompt"
 {_python_usage(meta["name"], adapter)}
 ```
 """
+
+
+def _plural(count: int, word: str, suffix: str = "s") -> str:
+    return f"{count:,} {word}{'' if count == 1 else suffix}"
+
+
+def _data(data: dict[str, Any]) -> str:
+    """The training data and its blocks; a --val-file apart (older runs counted it in `documents`)."""
+    unit, count = "document", data["documents"]
+    if data.get("records") is not None:
+        unit, count = "prompt/completion record", data["records"]
+    text = f"{_plural(count, unit)}, {_plural(data['tokens'], 'token')} "
+    if data.get("val_documents") is None:
+        return text + (
+            f"({data['train_blocks']:,} train / {data['val_blocks']:,} validation blocks of "
+            f"{data['block_size']})"
+        )
+    val_count = data.get("val_records", data["val_documents"])
+    return text + (
+        f"({_plural(data['train_blocks'], 'train block')} of {data['block_size']}); validation file: "
+        f"{_plural(val_count, unit)}, {_plural(data['val_tokens'], 'token')} "
+        f"({_plural(data['val_blocks'], 'block')})"
+    )
+
+
+def _optimizer(meta: dict[str, Any]) -> str:
+    """Both optimizers and both rates for a Muon run; runs from before `muon_lr` was recorded in
+    llmkit.json count as Muon when their optimizer was."""
+    cfg = meta["config"]
+    muon_lr = meta.get("muon_lr", cfg.get("muon_lr") if meta.get("optimizer") == "muon" else None)
+    schedule = f"{cfg['lr_schedule']}, {_plural(meta['warmup_steps'], 'warm-up step')}"
+    rest = f"weight decay {cfg['weight_decay']:g}, grad clip {cfg['max_grad_norm']:g}"
+    if muon_lr is None:
+        return f"AdamW, lr {meta['lr']:g} ({schedule}), {rest}"
+    return (
+        f"Muon, lr {muon_lr:g}, on the blocks' matrices and AdamW, lr {meta['lr']:g}, on the rest "
+        f"(both {schedule}), {rest}"
+    )
 
 
 def _what(cfg: dict[str, Any]) -> str:

@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from llmkit.checkpoints import fault
-from llmkit.errors import OutputError
+from llmkit.checkpoints import complete, fault
+from llmkit.errors import OutputError, UsageError
 
 METADATA = "llmkit.json"
 METRICS = "metrics.jsonl"
 CARD = "README.md"
 CHECKPOINTS = "checkpoints"
+PLOT = "loss.png"  # what `llmkit plot OUT` writes by default
 # What makes a directory a model (or a LoRA adapter) to llmkit, transformers and PEFT.
 MARKERS = ("config.json", "adapter_config.json")
 MODEL_FILES = (
@@ -46,17 +47,21 @@ def is_llmkit_run(path: Path) -> bool:
 
 
 def claim(path: Path, *, overwrite: bool) -> None:
-    """Make OUT ready for a fresh run, refusing a directory that is somebody else's."""
+    """Make OUT ready for a fresh run, refusing a directory that is somebody else's, or an earlier run's
+    model or checkpoints, unless `overwrite`. (A resumed run never claims OUT.)"""
     if path.exists() and not path.is_dir():
         raise OutputError(f"{path} exists and is not a directory", "pass a directory path with -o")
     if path.is_dir():
-        if any(path.iterdir()) and not is_llmkit_run(path) and not overwrite:
+        earlier = is_llmkit_run(path)
+        if any(path.iterdir()) and not earlier and not overwrite:
             raise OutputError(
                 f"{path} is not empty and is not an earlier llmkit run",
                 "pick another -o, or pass --overwrite to replace the model files in it",
             )
+        if earlier and not overwrite:
+            _refuse_earlier_run(path)
         # Remove what an earlier run left, config.json first so OUT stops looking like a finished model.
-        for name in (*MARKERS, METADATA, *MODEL_FILES, METRICS, CARD):
+        for name in (*MARKERS, METADATA, *MODEL_FILES, METRICS, CARD, *([PLOT] if earlier else [])):
             (path / name).unlink(missing_ok=True)
         for stale in [*path.glob(TEMP_PREFIX + "*"), path / CHECKPOINTS]:
             shutil.rmtree(stale, ignore_errors=True)  # a fresh run must never resume into an older one
@@ -70,6 +75,22 @@ def claim(path: Path, *, overwrite: bool) -> None:
             f"cannot write to {path}: {exc.strerror or exc}",
             "check the path and its permissions, or pick another -o",
         ) from None
+
+
+def _refuse_earlier_run(path: Path) -> None:
+    """An earlier run's model or checkpoints are not replaced without a word; a run that stopped before
+    its first checkpoint left only metrics, and OUT is taken over as before."""
+    if any((path / name).is_file() for name in (*MARKERS, METADATA)):
+        raise UsageError(
+            f"{path} holds the model of an earlier llmkit run",
+            "pick another -o, or pass --overwrite to replace it (its model, checkpoints, metrics and "
+            f"{PLOT} go; other files stay)",
+        )
+    if complete(path):
+        raise UsageError(
+            f"{path} holds checkpoints of an earlier llmkit run",
+            "continue it with --resume, or pass --overwrite to start over (its checkpoints go)",
+        )
 
 
 @dataclass

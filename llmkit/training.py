@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 @dataclass
 class Plan:
     documents: int
+    """Documents (or prompt/completion records) of the training data: a --val-file's are apart."""
     tokens: int
     invalid_bytes: int
     cache_hits: int
@@ -50,9 +51,15 @@ class Plan:
     trainable: int
     """Parameters the optimizer updates: all of them, or the adapters' with --lora."""
     lr: float
+    """AdamW's peak learning rate (with Muon: on the parameters outside the blocks' matrices)."""
     warmup_steps: int
+    muon_lr: float | None = None
+    """Muon's peak learning rate on the blocks' matrices; None when Muon updates nothing."""
     records: int | None = None
     """Prompt/completion data: the records packed (None for text)."""
+    val_documents: int | None = None
+    """A --val-file's documents (records, for prompt/completion data) and tokens; None without one."""
+    val_tokens: int | None = None
     skipped_records: int = 0
     padding: float = 0.0
     """Prompt/completion data: the fraction of block positions that are padding."""
@@ -202,8 +209,9 @@ def _check_tracker(name: str | None) -> None:
             )
 
 
-def _build_model(cfg: TrainConfig) -> tuple[Any, Any]:
-    """(model, tokenizer): pretrained weights (with LoRA adapters to train), or a fresh model."""
+def _build_model(cfg: TrainConfig) -> tuple[Any, Any, float | None]:
+    """(model, tokenizer, the base config's dropout): pretrained weights (with LoRA adapters to train),
+    or a fresh model."""
     from llmkit.models import load_weights, resolve
 
     # gpt2's architecture is transformers' GPT2Config default: training it from scratch with a tokenizer
@@ -223,8 +231,9 @@ def _build_model(cfg: TrainConfig) -> tuple[Any, Any]:
         )
     tokenizer = _tokenizer(cfg, source)
     dropout = {} if cfg.dropout is None else dict.fromkeys(DROPOUT_KEYS, cfg.dropout)
+    base_dropout = _config_dropout(source)
     if cfg.from_scratch:
-        return _fresh_model(cfg, source, tokenizer, dropout), tokenizer
+        return _fresh_model(cfg, source, tokenizer, dropout), tokenizer, base_dropout
     assert source is not None
     # An adapter given as the base arrives merged into its own base: a model like any other.
     model = load_weights(source, cfg.model, dtype="float32", allow_pickle=cfg.allow_pickle, **dropout)
@@ -232,7 +241,23 @@ def _build_model(cfg: TrainConfig) -> tuple[Any, Any]:
         from llmkit import lora
 
         model = lora.wrap(model, cfg, base=lora.base_reference(source))
-    return model, tokenizer
+    return model, tokenizer, base_dropout
+
+
+def _config_dropout(source: ModelSource | None) -> float | None:
+    """The dropout the base model's config sets, which a run without --dropout trains with; None when
+    its three GPT-2 dropouts differ or it has none. (source None: transformers' GPT2Config.)"""
+    if source is None:
+        from transformers import GPT2Config
+
+        config = GPT2Config().to_dict()
+    else:
+        try:
+            config = json.loads((source.model_dir / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+    values = {config.get(key) for key in DROPOUT_KEYS}
+    return values.pop() if len(values) == 1 and None not in values else None
 
 
 def _tokenizer(cfg: TrainConfig, source: ModelSource | None) -> Any:
@@ -479,7 +504,7 @@ class Trainer:
         from llmkit.models import context_length
 
         cfg = self.cfg
-        model, self.tokenizer = _build_model(cfg)
+        model, self.tokenizer, self.base_dropout = _build_model(cfg)
         context = context_length(model.config)
         block_size = cfg.block_size or min(context, 1024)
         if block_size > context:
@@ -514,12 +539,21 @@ class Trainer:
 
         cfg, chosen = self.cfg, self.chosen
         # Compare what each run resolved `auto` and defaults to, not the words it was given.
-        current = {**asdict(cfg), "optimizer": self.optimizer_name}
+        current = {**asdict(cfg), "optimizer": self.optimizer_name, **self._used(asdict(cfg))}
         if chosen.get("mixed_precision"):
             current["mixed_precision"] = self.acc.mixed_precision
-        before = {**saved, "config": {**saved["config"], **{k: v for k, v in chosen.items() if v}}}
+        config = {**saved["config"], **{k: v for k, v in chosen.items() if v}}
+        before = {**saved, "config": {**config, **self._used(saved["config"])}}
         tolerated = resume.check(before, current, self.data.fingerprint, self.acc.num_processes, cfg.force)
         return [f"changed since the checkpoint: {line}" for line in tolerated]
+
+    def _used(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The learning rate and dropout a run with this config trains with, its defaults filled in
+        (the base model is the same on both sides of a resume, or the resume is refused anyway)."""
+        lr, dropout = config.get("lr"), config.get("dropout")
+        if lr is None:
+            lr = TrainConfig.default_lr(bool(config.get("lora")), bool(config.get("from_scratch")))
+        return {"lr": lr, "dropout": self.base_dropout if dropout is None else dropout}
 
     def _set_up_optimization(self, model: Any) -> None:
         """Checkpointing and compiling as asked, optimizers and schedulers, all prepared by accelerate."""
@@ -573,7 +607,7 @@ class Trainer:
 
     def _make_plan(self, block_size: int) -> Plan:
         acc, data = self.acc, self.data
-        stats = data.stats()
+        stats = _data_stats(data)
         module = acc.unwrap_model(self.model)
         return Plan(
             stats["documents"],
@@ -594,10 +628,13 @@ class Trainer:
             sum(p.numel() for p in module.parameters() if p.requires_grad),
             self.cfg.peak_lr,
             self.warmup,
+            muon_lr=self.cfg.muon_lr if len(self.optimizers) > 1 else None,
             records=stats.get("records"),
             skipped_records=stats.get("skipped_records", 0),
             padding=stats.get("padding", 0.0),
             gradient_checkpointing=bool(self.cfg.gradient_checkpointing),
+            val_documents=stats.get("val_records", stats.get("val_documents")),
+            val_tokens=stats.get("val_tokens"),
         )
 
     def _finish(self, metrics: rundir.MetricsLog | None, main: bool) -> Iterator[Event]:
@@ -921,12 +958,13 @@ class Trainer:
             "warmup_steps": plan.warmup_steps,
             "mixed_precision": plan.mixed_precision,
             "optimizer": plan.optimizer,
+            "muon_lr": plan.muon_lr,
             "effective_batch": plan.effective_batch,
             "processes": plan.processes,
             "total_steps": plan.total_steps,
             "parameters": plan.parameters - (plan.trainable if cfg.lora else 0),  # the base's, with LoRA
             **adapter,
-            "data": self.data.stats(),
+            "data": _data_stats(self.data),
             "metrics": {**final.record(), "seconds": round(seconds, 2)},
             "versions": {
                 "llmkit": __version__,
@@ -992,6 +1030,21 @@ def _truncate_metrics(out: Path, step: int) -> dict[str, Any] | None:
             break  # a line cut short by the crash, and anything after it
     path.write_text("".join(keep), encoding="utf-8")
     return json.loads(keep[-1]) if keep else None
+
+
+def _data_stats(data: PreparedData) -> dict[str, Any]:
+    """`data.stats()` with a --val-file's counts apart: documents, tokens and bytes are the training
+    data's, val_documents, val_tokens and val_bytes (val_records for prompt/completion) the file's."""
+    stats = data.stats()
+    if not stats["val_file"]:
+        return stats
+    train, val = data.corpora
+    stats.update(documents=train.documents, tokens=train.tokens, bytes=train.bytes)
+    stats.update(val_documents=val.documents, val_tokens=val.tokens, val_bytes=val.bytes)
+    if data.pairs is not None:
+        assert data.val is not None
+        stats.update(records=len(data.train.packing.members), val_records=len(data.val.packing.members))
+    return stats
 
 
 def _free_memory(device: torch.device) -> None:

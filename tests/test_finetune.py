@@ -282,7 +282,10 @@ def test_output_directory_rules(cli, corpus: Path, tiny_model: Path, tmp_path: P
     assert refused.exit_code == 1 and "not an earlier llmkit run" in refused.stderr
     train(cli, tiny_model, corpus, foreign, "--max-steps", "1", "--overwrite")
     assert (foreign / "notes.txt").read_text() == "mine"  # --overwrite replaces model files, nothing else
-    train(cli, tiny_model, corpus, foreign, "--max-steps", "2")  # an earlier llmkit run may be reused
+    # An earlier run's model is replaced only with --overwrite (tests/test_finetune_fixes.py has more).
+    again = cli("finetune", corpus, "-o", foreign, "-m", tiny_model, "--block-size", "32", "--max-steps", "2")
+    assert again.exit_code == 2 and "--overwrite" in again.stderr
+    train(cli, tiny_model, corpus, foreign, "--max-steps", "2", "--overwrite")
     assert [r["step"] for r in metrics(foreign)] == [2]  # a fresh run starts a fresh metrics.jsonl
     a_file = tmp_path / "file"
     a_file.write_text("x")

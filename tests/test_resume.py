@@ -329,7 +329,7 @@ def test_muon_resume_is_bit_exact(tiny_model: Path, corpus: Path, tmp_path: Path
     muon = ("--optimizer", "muon")
     code, _, err = finish(start([*args(tiny_model, corpus, ref, 20), *muon]))
     assert code == 0, err
-    assert "muon lr" in err
+    assert "Muon lr 0.02 on the blocks' matrices and AdamW lr 0.001 on the rest" in err
     code, _, err = finish(
         start([*args(tiny_model, corpus, out, 20), *muon], LLMKIT_FAULT="checkpoint-write@15")
     )

@@ -114,7 +114,7 @@ def test_from_scratch_with_a_config_only_shape(cli, corpus: Path, tiny_model: Pa
     made = AutoConfig.from_pretrained(out)
     assert (made.n_layer, made.n_embd, made.n_head, made.resid_pdrop) == (3, 32, 4, 0.0)
     assert made.vocab_size == len(AutoTokenizer.from_pretrained(tiny_model))
-    assert "muon lr" in result.stderr  # from scratch, Muon is the default
+    assert "Muon lr 0.02 on the blocks' matrices" in result.stderr  # from scratch, Muon is the default
     assert meta(out)["optimizer"] == "muon"
     # Without --tokenizer, a shape directory still needs one of its own.
     bare = finetune(cli, corpus, tmp_path / "bare", shape, "--from-scratch")

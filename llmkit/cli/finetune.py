@@ -266,7 +266,12 @@ def finetune(
         int, typer.Option("--max-bad-steps", help="Stop after this many non-finite losses in a row.")
     ] = 5,
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Reuse a non-empty OUT that isn't an llmkit run.")
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Start over in an OUT that holds an earlier run (its model, checkpoints, metrics and "
+            "loss.png go), or in a non-empty directory (its model files are replaced, nothing else).",
+        ),
     ] = False,
     device: DeviceOpt = "auto",
     offline: OfflineOpt = False,
@@ -362,16 +367,7 @@ class _View:
             self._finished(event)
 
     def _plan(self, p: Any) -> None:
-        cache = " (token cache hit)" if p.cache_hits else ""
-        docs = f"{p.documents:,} document{'s' if p.documents != 1 else ''}"
-        padding = ""
-        if p.records is not None:
-            docs = f"{p.records:,} prompt/completion record{'s' if p.records != 1 else ''}"
-            padding = f" ({p.padding:.1%} padding)"
-        self._print(
-            f"data: {docs}, {p.tokens:,} tokens{cache} → {p.train_blocks:,} train / {p.val_blocks:,} "
-            f"validation blocks of {p.block_size}{padding}"
-        )
+        self._print(data_line(p))
         if p.skipped_records:
             out.warn(f"{p.skipped_records:,} record(s) longer than a block of {p.block_size} were skipped")
         if p.invalid_bytes:
@@ -379,10 +375,12 @@ class _View:
                 f"{p.invalid_bytes:,} invalid UTF-8 byte(s) were replaced (--errors strict to refuse them)"
             )
         self._print(
-            f"plan: {p.steps_per_epoch:,} steps per epoch, {p.total_steps:,} steps, effective batch "
-            f"{p.effective_batch} blocks ({p.effective_batch * p.block_size:,} tokens); "
+            f"plan: {plural(p.steps_per_epoch, 'step')} per epoch, {plural(p.total_steps, 'step')}, "
+            f"effective batch {plural(p.effective_batch, 'block')} "
+            f"({plural(p.effective_batch * p.block_size, 'token')}); "
             f"{p.parameters / 1e6:.1f}M parameters{_trainable(p)} on {p.device} × {p.processes}, precision "
-            f"{p.mixed_precision}, {p.optimizer} lr {p.lr:g} with {p.warmup_steps} warm-up steps"
+            f"{p.mixed_precision}, {optimizer_words(p.lr, p.muon_lr)} with "
+            f"{plural(p.warmup_steps, 'warm-up step')}"
             + (", gradient checkpointing" if p.gradient_checkpointing else "")
         )
         self.total = p.total_steps
@@ -417,7 +415,8 @@ class _View:
         m = f.final
         ppl = f"  val perplexity {m.val_perplexity:.3f}" if m.val_perplexity is not None else ""
         self._print(
-            f"done: {m.step:,} steps in {f.seconds:.1f}s, loss {sparkline(f.losses)} {_num(m.loss)}{ppl}"
+            f"done: {plural(m.step, 'step')} in {f.seconds:.1f}s, loss {sparkline(f.losses)} "
+            f"{_num(m.loss)}{ppl}"
         )
         self._print(f"saved to {f.output}")
         out.write(f"{f.output}\n", flush=True)
@@ -436,6 +435,38 @@ class _View:
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
+
+
+def plural(count: int, word: str) -> str:
+    """`1 step`, `2 steps`, `1,354 blocks`."""
+    return f"{count:,} {word}{'' if count == 1 else 's'}"
+
+
+def optimizer_words(lr: float, muon_lr: float | None) -> str:
+    """What updates what: `AdamW lr 5e-05`, or both optimizers and both rates with Muon."""
+    if muon_lr is None:
+        return f"AdamW lr {lr:g}"
+    return f"Muon lr {muon_lr:g} on the blocks' matrices and AdamW lr {lr:g} on the rest"
+
+
+def data_line(p: Any) -> str:
+    """The `data:` line: what the training data holds and its blocks, and a --val-file's apart."""
+    cache = " (token cache hit)" if p.cache_hits else ""
+    unit, padding = "document", ""
+    count = p.documents
+    if p.records is not None:
+        unit, padding, count = "prompt/completion record", f" ({p.padding:.1%} padding)", p.records
+    head = f"data: {plural(count, unit)}, {plural(p.tokens, 'token')}{cache} → "
+    if p.val_documents is None:
+        return (
+            f"{head}{p.train_blocks:,} train / {p.val_blocks:,} validation blocks of {p.block_size}{padding}"
+        )
+    unit = "record" if p.records is not None else "document"
+    return (
+        f"{head}{plural(p.train_blocks, 'train block')} of {p.block_size}; validation file: "
+        f"{plural(p.val_documents, unit)}, {plural(p.val_tokens, 'token')} → "
+        f"{plural(p.val_blocks, 'block')}{padding}"
+    )
 
 
 def _trainable(p: Any) -> str:
