@@ -2,7 +2,8 @@
 
 `python -m bench.gpu` (or `make bench-gpu`) on a CUDA machine; it finishes in a few minutes. On a
 machine without CUDA it says so and exits 0; `python -m bench.gpu --cpu-smoke` runs the whole script
-on the CPU at toy sizes (a check of the script, not a measurement) and writes nothing.
+on the CPU on the test suite's tiny model (2 layers, 64 wide) and 20 KB of text: a check of the
+script, not a measurement (about a minute on 2 CPU cores, most of it compiling); it writes no results.
 Writes bench/results/gpu.json.
 
 1. Fine-tuning: llmkit's own training loop (bf16 autocast, fused AdamW, SDPA attention — llmkit's
@@ -28,20 +29,30 @@ from bench.common import BUILD, corpus_text, gpt2_small, save, table
 # Peak dense bf16 tensor FLOP/s by GPU name (vendor data sheets, without sparsity).
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
 SIZES = {"train_steps": 40, "log_every": 5, "batch": 16, "block": 1024, "new_tokens": 128, "repeats": 5}
+SIZES["text_bytes"] = 6_000_000  # enough for 40 steps without an epoch boundary (each writes a checkpoint)
 SMOKE = {"train_steps": 4, "log_every": 2, "batch": 1, "block": 32, "new_tokens": 4, "repeats": 1}
+SMOKE["text_bytes"] = 20_000
 
 
 def peak_flops(name: str) -> float | None:
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
-def training_text(where: Path) -> Path:
-    """Enough text for TRAIN_STEPS without an epoch boundary (each epoch end writes a checkpoint)."""
+def training_text(where: Path, size: int) -> Path:
+    """About `size` bytes of the corpus (repeated, or cut at a line end)."""
     where.mkdir(parents=True, exist_ok=True)
     path = where / "train.txt"
     text = corpus_text()
-    path.write_text(text * max(1, 6_000_000 // len(text)), encoding="utf-8")
+    text = text * max(1, size // len(text)) if size >= len(text) else text[: text.rfind("\n", 0, size) + 1]
+    path.write_text(text, encoding="utf-8")
     return path
+
+
+def smoke_model(path: Path = BUILD / "gpu-smoke-tiny") -> Path:
+    """The test suite's tiny GPT-2 (2 layers, 64 wide, ~400 tokens), built once."""
+    from llmkit.testing import build_tiny_model
+
+    return path if (path / "config.json").is_file() else build_tiny_model(path)
 
 
 def flops_per_token(model: Any, block: int) -> float:
@@ -166,11 +177,11 @@ def main() -> None:
     device, z = ("cpu", SMOKE) if smoke else ("cuda", SIZES)
     name = "CPU smoke run" if smoke else torch.cuda.get_device_name()
     peak = None if smoke else peak_flops(name)
-    model_dir = gpt2_small()
+    model_dir = smoke_model() if smoke else gpt2_small()
     from transformers import AutoModelForCausalLM
 
     fpt = flops_per_token(AutoModelForCausalLM.from_pretrained(model_dir), z["block"])
-    text = training_text(BUILD / "gpu-data")
+    text = training_text(BUILD / ("gpu-smoke-data" if smoke else "gpu-data"), z["text_bytes"])
     rates = llmkit_training(model_dir, text, z, device)
     train_rate = statistics.median(rates)
     compiled_rates = llmkit_training(model_dir, text, z, device, compile=True)
