@@ -70,15 +70,15 @@ class _Encoded:
     budget: int  # new tokens this prompt may generate
 
 
-def find_stop(text: str, stops: Iterable[str]) -> tuple[int, int] | None:
-    """Earliest stop string in the generated `text`: (start, end) offsets, or None.
+def find_stop(text: str, stops: Iterable[str], start: int = 0) -> tuple[int, int] | None:
+    """Earliest stop string in the generated `text` (from `start` on): (start, end) offsets, or None.
 
     Only generated text counts, as OpenAI, vLLM and llama.cpp define stop sequences: a stop string
     that would begin in the prompt and end in the completion is not a stop.
     """
     best: tuple[int, int] | None = None
     for stop in stops:
-        idx = text.find(stop)
+        idx = text.find(stop, start)
         if idx >= 0 and (best is None or idx < best[0]):
             best = (idx, idx + len(stop))
     return best
@@ -103,10 +103,12 @@ class GeneratedOnly:
 def held_back(text: str, stops: Iterable[str]) -> int:
     """How many trailing characters might still become a stop string (or a split UTF-8 character)."""
     hold = len(text) - len(text.rstrip("\ufffd"))
+    last = text[-1:]
     for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:n]):
-                hold = max(hold, n)
+        for n in range(min(len(stop) - 1, len(text)), hold, -1):
+            # The cheap test first: a 1,000-character stop costs one comparison per length, not n.
+            if stop[n - 1] == last and text.endswith(stop[:n]):
+                hold = n
                 break
     return hold
 

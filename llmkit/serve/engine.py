@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from llmkit.generation import find_stop, held_back
 from llmkit.serve.kvcache import new_cache
-from llmkit.serve.sampling import Sampler, SamplingParams
+from llmkit.serve.sampling import Sampler, SamplingParams, pick_batch
 
 if TYPE_CHECKING:
     import torch
@@ -51,6 +51,39 @@ class Chunk:
     echo: bool = False  # the prompt, echoed
 
 
+class IncrementalText:
+    """A sequence's text, decoded a few tokens at a time instead of from the start at every token.
+
+    The way TGI and vLLM do it: decode from a recent token (so a tokenizer that drops a leading space
+    at the start of a decode still gets it right) and keep what came after the part decoded before.
+    A token that ends inside a character (bytes of UTF-8 still to come) leaves the boundary where it
+    was, so the text always equals decoding every token from the start.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self.decode = decode
+        self.ids: list[int] = []
+        self.stable = ""  # text of ids[:read], final
+        self.prefix = 0  # decoding starts here...
+        self.read = 0  # ...and the text of ids[prefix:read] is already in `stable`
+        self.prefix_text = ""
+        self.value = ""
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        window = self.decode(self.ids[self.prefix :])
+        self.value = self.stable + window[len(self.prefix_text) :]
+        if not window.endswith("\ufffd"):
+            self.stable = self.value
+            self.prefix, self.read = self.read, len(self.ids)
+            self.prefix_text = self.decode(self.ids[self.prefix : self.read])
+        return self.value
+
+    def checked_upto(self, longest_stop: int) -> int:
+        """Where a stop string may begin that was not already looked for at the token before."""
+        return max(0, len(self.stable) - longest_stop)
+
+
 class Sequence:
     """One choice being generated: its tokens, text, stop strings and delivery."""
 
@@ -77,6 +110,8 @@ class Sequence:
         self.next_token: int | None = None
         self.finished = False
         self.cancelled = False
+        self.text = IncrementalText(engine.decode)
+        self.longest_stop = max((len(stop) for stop in params.stop), default=0)
 
     # -- called by the worker ------------------------------------------------------------------------
     def begin(self, prompt_logits: torch.Tensor | None) -> None:
@@ -88,7 +123,10 @@ class Sequence:
         if self.params.logprobs is not None:
             import torch
 
-            starts = [len(self.engine.decode(self.prompt_ids[:i])) for i in range(len(self.prompt_ids))]
+            prompt, starts = IncrementalText(self.engine.decode), []
+            for token in self.prompt_ids:  # where each token's text begins
+                starts.append(len(prompt.value))
+                prompt.add(token)
             logprobs = torch.log_softmax(prompt_logits, dim=-1) if prompt_logits is not None else None
             for i, token in enumerate(self.prompt_ids):
                 info = TokenInfo(token, self.engine.decode([token]), starts[i])
@@ -97,35 +135,38 @@ class Sequence:
                 tokens.append(info)
         self.deliver(Chunk(text, tokens, echo=True))
 
-    def advance(self, logits: torch.Tensor) -> None:
-        """Sample the next token from this row's logits [vocab] and deliver what became final."""
+    def accept(self, token: int, logits: torch.Tensor) -> None:
+        """Take the sampled next token (this row's raw logits [vocab] for logprobs); deliver what is final."""
         if self.finished:
             return
-        import torch
-
-        # Only repetition penalties and warpers read the ids so far; skip building them otherwise.
-        context = self._context() if self.sampler.processors or self.sampler.warpers else None
-        scores = self.sampler.adjust(logits[None], context, len(self.generated))
-        token = self.sampler.pick(scores, context)
         self.next_token = token
         if token in self.engine.eos_ids:
             self._finish("stop", None, self.ends[-1] if self.ends else 0)
             return
         info = TokenInfo(token, self.engine.decode([token]), self.ends[-1] if self.ends else 0)
         if self.params.logprobs is not None:
+            import torch
+
             info.logprob, info.top = self._report(torch.log_softmax(logits, dim=-1), token)
         self.generated.append(token)
         self.engine.tokens_generated += 1
         self.infos.append(info)
-        text = self.engine.decode(self.generated)
+        start = self.text.checked_upto(self.longest_stop)
+        text = self.text.add(token)
         self.ends.append(len(text))
-        hit = find_stop(text, self.params.stop)
+        hit = find_stop(text, self.params.stop, start)
         if hit is not None:
             self._finish("stop", text[hit[0] : hit[1]], hit[0], text)
         elif len(self.generated) >= self.params.max_tokens:
             self._finish("length", None, len(text), text)
         else:
             self._release(text, len(text) - held_back(text, self.params.stop))
+
+    def context(self) -> torch.Tensor:
+        """The ids so far [1, n], for penalties over the sequence's history."""
+        import torch
+
+        return torch.tensor([self.prompt_ids + self.generated])
 
     def fail(self, error: BaseException) -> None:
         if not self.finished:
@@ -149,11 +190,6 @@ class Sequence:
         self._finish("length", None, 0)
 
     # -- inside --------------------------------------------------------------------------------------
-    def _context(self) -> torch.Tensor:
-        import torch
-
-        return torch.tensor([self.prompt_ids + self.generated])
-
     def _report(self, logprobs: torch.Tensor, token: int) -> tuple[float, dict[str, float] | None]:
         chosen = float(logprobs[token])
         k = self.params.logprobs or 0
@@ -175,7 +211,7 @@ class Sequence:
     def _finish(self, reason: str, stop: str | None, end: int, text: str | None = None) -> None:
         self.finished = True
         if text is None:
-            text = self.engine.decode(self.generated)
+            text = self.text.value
         # Tokens that begin before the cut belong to the choice; the stop string itself does not.
         count = self.released
         while count < len(self.infos) and self.infos[count].start < end:
@@ -317,7 +353,6 @@ class Engine:
             logits_to_keep=0 if scoring else 1,
         )
         logits = out.logits.float()
-        keep = []
         for i, seq in enumerate(new):
             n = len(seq.prompt_ids)
             prompt_logits = logits[i, width - n : width - 1] if scoring else None
@@ -325,10 +360,9 @@ class Engine:
                 seq.begin(prompt_logits)
                 if seq.params.max_tokens == 0:
                     seq.finish_empty()
-                    continue
-                seq.advance(logits[i, -1])
-            if not seq.finished:
-                keep.append(i)
+        sampling = [i for i, seq in enumerate(new) if not seq.finished]
+        self._sample([new[i] for i in sampling], logits[sampling, -1])
+        keep = [i for i in sampling if not new[i].finished]
         if not keep:
             return
         cache = out.cache if hasattr(out, "cache") else out.past_key_values
@@ -377,10 +411,19 @@ class Engine:
         )
         self._cache = out.cache if hasattr(out, "cache") else out.past_key_values
         self._mask = mask
-        logits = out.logits[:, -1].float()
-        for i, seq in enumerate(rows):
+        self._sample(rows, out.logits[:, -1].float())
+
+    def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> None:
+        """Every row's next token in one batched pass (sampling.py); a row that fails ends alone."""
+        if not rows:
+            return
+        samplers = [s.sampler for s in rows]
+        tokens = pick_batch(samplers, logits, [s.context for s in rows], [len(s.generated) for s in rows])
+        for i, (seq, token) in enumerate(zip(rows, tokens, strict=True)):
             with seq.alone():
-                seq.advance(logits[i])
+                if isinstance(token, Exception):
+                    raise token
+                seq.accept(token, logits[i])
 
     def _drop(self) -> None:
         """Finished and cancelled rows leave the batch; all-padding columns go with them."""
