@@ -5,8 +5,8 @@
 
 from __future__ import annotations
 
-from bench import finetune, gpu, many_prompts, one_prompt, serve, startup, tokenization
+from bench import finetune, gpu, many_prompts, one_prompt, runtimes, serve, startup, tokenization
 
-for module in (startup, one_prompt, many_prompts, tokenization, finetune, serve, gpu):
+for module in (startup, one_prompt, many_prompts, tokenization, finetune, serve, runtimes, gpu):
     print(f"== {module.__name__}")
     module.main()
