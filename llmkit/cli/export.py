@@ -62,7 +62,7 @@ def export(
         )
     out.say(summary(written, seconds))
     for name, wanted, got in written.fallbacks:
-        out.detail(f"  {name}: {got} (rows do not split into {wanted} blocks)")
+        out.detail(f"  {name}: {got.lower()} (rows do not split into {wanted.lower()} blocks)")
     if ollama:
         out.say(f"Wrote {output.parent / 'Modelfile'}: ollama create NAME -f {output.parent / 'Modelfile'}")
 
