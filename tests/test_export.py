@@ -105,15 +105,12 @@ def probe(gguf: Path, **request) -> dict:
 
 
 def _hf(model: str | Path):
-    import torch
-    from transformers import AutoModelForCausalLM
+    """transformers' model (an adapter merged into its base, as llmkit loads it) in float32, on the CPU."""
+    from llmkit.config import LoadConfig
+    from llmkit.models import load
 
-    from llmkit.models import load_tokenizer, resolve
-
-    source = resolve(str(model))
-    tokenizer = load_tokenizer(source.tokenizer_dir, str(model))
-    hf = AutoModelForCausalLM.from_pretrained(source.model_dir, dtype=torch.float32).eval()
-    return hf, tokenizer
+    lm = load(LoadConfig(model=str(model), device="cpu", dtype="float32"))
+    return lm.model, lm.tokenizer
 
 
 def _logprobs(hf, ids: list[int]):
@@ -154,6 +151,26 @@ def test_f32_matches_transformers(exports: dict[str, Path], tiny_model: Path) ->
     assert (got - want).abs().max().item() < 1e-3  # measured: 6e-5
     greedy = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, pad_token_id=0)
     assert answer["greedy"] == greedy[0, len(prompt) :].tolist()
+
+
+def test_lora_adapter_is_merged(tiny_model: Path, tmp_path: Path, cli) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The queen sings to the moon. " * 200)
+    adapter = tmp_path / "lora"
+    trained = cli(
+        "finetune", corpus, "-o", adapter, "-m", tiny_model, "--lora", "--max-steps", "8",
+        "--block-size", "32", "--lr", "1e-2", "--no-cache",
+    )  # fmt: skip
+    assert trained.exit_code == 0, trained.output
+    out = _export(adapter, tmp_path / "lora.gguf", "f32")
+    merged, tokenizer = _hf(adapter)
+    prompt = tokenizer("The queen sings to the")["input_ids"]
+    import torch
+
+    got = torch.tensor(probe(out, next=prompt)["next"])
+    assert (got - _logprobs(merged, prompt)[-1]).abs().max().item() < 1e-3
+    base, _ = _hf(tiny_model)
+    assert (got - _logprobs(base, prompt)[-1]).abs().max().item() > 0.1  # the adapter is in the file
 
 
 def test_quantized_perplexity_near_f32(exports: dict[str, Path]) -> None:
