@@ -60,7 +60,7 @@ def tensor_type(name: str, data: np.ndarray, file_type: str) -> gguf.GGMLQuantiz
 
 
 def quantize(
-    name: str, data: np.ndarray, wanted: gguf.GGMLQuantizationType
+    data: np.ndarray, wanted: gguf.GGMLQuantizationType
 ) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
     """The data in `wanted`, or in F16 where rows don't split into its blocks (the converter's rule)."""
     import gguf
@@ -81,7 +81,7 @@ def add_tensors(
 ) -> None:
     for done, (name, data) in enumerate(tensors, start=1):
         wanted = tensor_type(name, data, file_type)
-        raw, got = quantize(name, data, wanted)
+        raw, got = quantize(data, wanted)
         writer.add_tensor(name, raw, raw_dtype=got)
         written.types[got.name] += 1
         if got != wanted:
@@ -108,10 +108,12 @@ def write_atomic(writer: gguf.GGUFWriter, out: Path) -> int:
     """Header, metadata and tensors to a temporary name beside `out`, then renamed; returns the size."""
     tmp = temporary_name(out)
     try:
-        writer.write_header_to_file(path=tmp)
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=False)
-        writer.close()
+        try:
+            writer.write_header_to_file(path=tmp)
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file(progress=False)
+        finally:
+            writer.close()
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
