@@ -108,7 +108,9 @@ def resolve(
         source = ModelSource(name, path.resolve(), "local directory")
     elif name in builtin_names():
         source = ModelSource(name, BUILTIN_DIR / name, "built-in")
-    elif path.is_file() and path.suffix.lower() == ".gguf":
+    elif path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"{name}: no such GGUF file", "check the path")
         from llmkit.export.reading import model_dir  # read once into llmkit's cache, then like a directory
 
         source = ModelSource(name, model_dir(path, name), "GGUF file")
