@@ -230,6 +230,8 @@ def test_gguf_context_restored(exports: dict[str, Path], cli, tmp_path: Path, mo
     config = json.loads((Path(details["path"]) / "config.json").read_text())
     assert config["n_positions"] == 256 and config["n_inner"] is None and config["tie_word_embeddings"]
     assert "n_ctx" not in config and "feed_forward_length" not in config
+    missing = cli("info", "-m", tmp_path / "missing.gguf")
+    assert missing.exit_code == 1 and "no such GGUF file" in missing.stderr
 
 
 def test_fallback_to_f16_where_blocks_dont_fit(tmp_path: Path, cli) -> None:
