@@ -126,3 +126,21 @@ def test_a_seeded_request_alone_samples_what_transformers_and_multinomial_do(tin
             expected.append(token)
             context.append(token)
     assert got == expected
+
+
+def test_incremental_text_is_the_whole_decode_at_every_token(tiny_model: Path) -> None:
+    """Random ids split characters across tokens and make invalid UTF-8: still decode(ids[:n])."""
+    from llmkit.serve.engine import IncrementalText
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+
+    def decode(ids: list[int]) -> str:
+        return tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    emoji = tok("ab 😀 é ☃ 漢字\n\n x", add_special_tokens=False)["input_ids"]
+    generator = torch.Generator().manual_seed(0)
+    sequences = [emoji] + [torch.randint(0, len(tok), (60,), generator=generator).tolist() for _ in range(5)]
+    for ids in sequences:
+        text = IncrementalText(decode)
+        for n, token in enumerate(ids, start=1):
+            assert text.add(token) == decode(ids[:n])
