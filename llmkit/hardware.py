@@ -1,4 +1,5 @@
-"""What the machine computes natively: the one place precision defaults are decided from.
+"""What the machine computes natively, and how torch's CPU threads behave on it: the one place
+precision and thread defaults are decided from.
 
 The CPUs this project runs on differ from session to session (a Xeon without bf16, an EPYC with
 avx512_bf16), so defaults come from what torch reports, never from what one machine did.
@@ -8,9 +9,39 @@ avx512_bf16), so defaults come from what torch reports, never from what one mach
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 ENV = "LLMKIT_CPU_BF16"
+WAIT_POLICY = "OMP_WAIT_POLICY"
+
+
+def thread_environment(threads: int | None, environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables to set before torch starts its OpenMP threads.
+
+    OpenMP threads spin while they wait for each other at the end of every parallel operator; when
+    another process holds a core, the thread on it runs part of the time and the spinning ones
+    wait for it, burning the other cores. Waiting passively (sleeping) measured 19x the decoding
+    speed of spinning on a shared 2-core machine, and beat one thread too (bench/busy_cpu.py), so
+    that is the default unless the user chose a policy. `threads` (--threads) caps the threads.
+    """
+    env = {}
+    if WAIT_POLICY not in environ:
+        env[WAIT_POLICY] = "PASSIVE"
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def apply_threads(threads: int | None) -> str:
+    """Put `thread_environment` in place (torch imported already gets set_num_threads); says what."""
+    os.environ.update(thread_environment(threads, os.environ))
+    torch = sys.modules.get("torch")
+    if threads is not None and torch is not None:
+        torch.set_num_threads(threads)
+    count = f"{threads} thread{'s' if threads != 1 else ''}" if threads else "a thread per core"
+    return f"CPU: {count}, {WAIT_POLICY}={os.environ[WAIT_POLICY]}"
 
 
 @dataclass(frozen=True)

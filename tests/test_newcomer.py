@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -133,3 +136,45 @@ def test_info_reads_a_pickle_only_model_without_allow_pickle(cli, tiny_model: Pa
     assert details["parameters"] == expected
     assert "pickle" in details["stored_dtype"]
     assert cli("generate", "-m", pickled, "The cat").exit_code == 1  # loading them still needs the flag
+
+
+# -- threads ---------------------------------------------------------------------------------------
+def threads_seen(*argv: str, env: dict[str, str] | None = None) -> str:
+    """What torch ran with in a real `llmkit ARGV` process: its thread count and OpenMP wait policy."""
+    code = (
+        "import atexit, os, sys\n"
+        "atexit.register(lambda: sys.stderr.write(\n"
+        "    f\"SEEN threads={sys.modules['torch'].get_num_threads()} \"\n"
+        "    f\"policy={os.environ.get('OMP_WAIT_POLICY')}\\n\"))\n"
+        "from llmkit.cli.app import main\n"
+        f"sys.argv = ['llmkit', *{list(argv)!r}]\n"
+        "main()\n"
+    )
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**base, **(env or {})}
+    )
+    assert done.returncode == 0, done.stderr
+    return next(line for line in done.stderr.splitlines() if line.startswith("SEEN"))
+
+
+def test_threads_flag_and_passive_waiting(tiny_model: Path) -> None:
+    plain = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"},
+    )
+    cores = int(plain.stdout)  # torch's own default, whatever the machine
+    assert threads_seen("--threads", "1", "info", "-m", str(tiny_model)) == "SEEN threads=1 policy=PASSIVE"
+    assert threads_seen("info", "-m", str(tiny_model)) == f"SEEN threads={cores} policy=PASSIVE"
+    chosen = threads_seen(
+        "info", "-m", str(tiny_model), env={"OMP_WAIT_POLICY": "ACTIVE", "LLMKIT_THREADS": "1"}
+    )
+    assert chosen == "SEEN threads=1 policy=ACTIVE"  # the user's policy stands; the env var sets threads
+
+
+def test_threads_must_be_positive(cli, tiny_model: Path) -> None:
+    result = cli("--threads", "0", "info", "-m", tiny_model)
+    assert result.exit_code == 2 and "--threads must be at least 1" in result.stderr

@@ -107,6 +107,15 @@ def _version(value: bool) -> None:
 def _global(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More detail on stderr.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")] = False,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            envvar="LLMKIT_THREADS",
+            help="CPU threads for torch (default: one per core, waiting passively).",
+            show_default=False,
+        ),
+    ] = None,
     debug: Annotated[
         bool, typer.Option("--debug", envvar="LLMKIT_DEBUG", help="Show tracebacks for errors.")
     ] = False,
@@ -115,6 +124,13 @@ def _global(
     ] = False,
 ) -> None:
     out.settings.verbose, out.settings.quiet, out.settings.debug = verbose, quiet, debug
+    from llmkit.errors import UsageError
+    from llmkit.hardware import apply_threads
+
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be at least 1, not {threads}")
+
+    out.detail(apply_threads(threads))  # before any command imports torch
 
 
 def build(names: Sequence[str] | None = None) -> typer.Typer:
