@@ -147,7 +147,7 @@ def generate(
         typer.Option(
             "--resume-output",
             help="Append JSONL to this file instead of stdout, skipping prompts whose ids it already holds "
-            "(continue an interrupted --input run).",
+            "(continue an interrupted --input run; needs --format jsonl).",
             show_default=False,
         ),
     ] = None,
