@@ -123,8 +123,8 @@ def generate(
         bool,
         typer.Option(
             "--compile",
-            help="Static KV cache + torch.compile'd decoding: up to a minute of compiling first, then "
-            "faster tokens (worth it for long or many generations).",
+            help="Static KV cache + torch.compile'd decoding: it compiles after the first token (tens of "
+            "seconds on a CPU), then tokens come faster (worth it for long or many generations).",
         ),
     ] = False,
     fmt: Annotated[
@@ -226,7 +226,10 @@ def generate(
 
         gen = Generator(load_model(load_cfg), cfg, warn=out.warn, time_first_token=summary)
         if cfg.compile:
-            out.say("compiling… (--compile: after the first token, up to a minute on a CPU, then faster)")
+            out.say(
+                "compiling… (--compile: the decoding step compiles after the first token, "
+                "tens of seconds on a CPU)"
+            )
     if gen.seed is not None:
         out.detail(f"seed {gen.seed}")
     started = time.perf_counter()
