@@ -120,6 +120,23 @@ def test_tokenize_json_has_ids_and_tokens(cli, tiny_model: Path) -> None:
     }
 
 
+def test_count_of_a_file_of_many_pieces_equals_the_tokenizer(cli, tiny_model: Path, tmp_path: Path) -> None:
+    from llmkit.testing import sentences
+    from llmkit.tokens import SMALL_CHUNK_CHARS
+
+    text = "".join(s + ("\n" if i % 7 else "\n\n  ") for i, s in enumerate(sentences(12_000)))
+    assert len(text) > 2 * SMALL_CHUNK_CHARS  # counted piece by piece, not whole
+    path = tmp_path / "big.txt"
+    path.write_text(text, newline="")
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    expected = len(tok(text)["input_ids"])
+    assert cli("tokenize", "-m", tiny_model, "--count", "--file", path).stdout == f"{expected}\n"
+    assert (
+        json.loads(cli("tokenize", "-m", tiny_model, "-f", "json", "--file", path).stdout)["count"]
+        == expected
+    )
+
+
 def test_info_reads_a_pickle_only_model_without_allow_pickle(cli, tiny_model: Path, tmp_path: Path) -> None:
     import torch
     from safetensors.torch import load_file
