@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from llmkit.config import GenerateConfig
 from llmkit.errors import InputError, UsageError
 from llmkit.models import LoadedModel
+from llmkit.special import bos_id
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig
@@ -164,8 +165,12 @@ class Generator:
 
     def encode(self, index: int, prompt: Prompt) -> _Encoded:
         cfg, context = self.cfg, self.lm.context
-        ids = self.lm.tokenizer(prompt.text, add_special_tokens=False)["input_ids"] if prompt.text else []
-        if not ids:
+        tok = self.lm.tokenizer
+        ids = tok(prompt.text, add_special_tokens=False)["input_ids"] if prompt.text else []
+        bos = bos_id(tok)
+        if bos is not None:
+            ids = [bos, *ids]  # what the model saw before every text it learnt (Llama, Mistral, …)
+        elif not ids:
             # GPT-2 samples unconditionally from <|endoftext|>.
             ids = [self.start_id]
         if cfg.max_length is not None:
@@ -180,7 +185,7 @@ class Generator:
                     "shorten it, lower --max-new-tokens, or use --truncate left",
                 )
             self.warn(f"prompt {prompt.id} has {len(ids)} tokens; kept the last {room} to fit the context")
-            ids = ids[-room:]
+            ids = ids[:1] + ids[len(ids) - room + 1 :] if bos is not None else ids[-room:]  # BOS stays
         budget = cfg.max_length - len(ids) if cfg.max_length is not None else cfg.max_new_tokens
         return _Encoded(index, prompt, ids, int(budget or 1))
 

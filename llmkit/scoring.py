@@ -1,8 +1,10 @@
 """Perplexity with sliding windows, and per-line scores for filtering data.
 
-Definition (pinned by tests): the text is one token stream with no BOS added; every token after the
-first is scored exactly once; windows of `context` tokens advance by `stride`, and each window
-scores only the tokens no earlier window scored.
+Definition (pinned by tests): the text is one token stream, after the BOS token for a tokenizer that
+puts one before text (Llama, Mistral, Gemma: then every text token is scored, the first given the BOS)
+and with nothing before it otherwise (GPT-2: every token after the first is scored); each token is
+scored exactly once; windows of `context` tokens advance by `stride`, and each window scores only the
+tokens no earlier window scored. `--per-line` scores each line as such a text of its own.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from llmkit.config import PerplexityConfig
 from llmkit.errors import InputError, UsageError
 from llmkit.models import LoadedModel
+from llmkit.special import bos_id, with_bos
 
 if TYPE_CHECKING:
     import torch
@@ -138,13 +141,18 @@ def perplexity(
     import torch
 
     parts, n_bytes = [], 0
+    bos = bos_id(lm.tokenizer)
+    if bos is not None:
+        parts.append(np.asarray([bos], dtype=np.int64))
     for chunk_ids, text in id_chunks:
         parts.append(np.asarray(chunk_ids, dtype=np.int64))
         n_bytes += len(text.encode("utf-8"))
     ids = torch.from_numpy(np.concatenate(parts)) if parts else torch.zeros(0, dtype=torch.long)
     if ids.numel() < 2:
+        text_tokens = ids.numel() - (bos is not None)
         raise InputError(
-            f"{label} has {ids.numel()} token(s); perplexity needs at least 2", "pass a longer text"
+            f"{label} has {text_tokens} token(s); perplexity needs at least {2 - (bos is not None)}",
+            "pass a longer text",
         )
     context, stride = resolve_window(lm, cfg)
     nll, count = score_ids(lm, ids, context, stride, cfg.batch_size, on_window)
@@ -152,7 +160,7 @@ def perplexity(
 
 
 def per_line(lm: LoadedModel, lines: Iterable[str], cfg: PerplexityConfig) -> Iterator[tuple[str, Score]]:
-    """Each line scored as its own text (no BOS; its first token unscored), batched with padding."""
+    """Each line scored as its own text (see the module's definition), batched with padding."""
     context, stride = resolve_window(lm, cfg)
     batch: list[str] = []
     for line in lines:
@@ -167,7 +175,9 @@ def per_line(lm: LoadedModel, lines: Iterable[str], cfg: PerplexityConfig) -> It
 def _score_lines(lm: LoadedModel, lines: list[str], context: int, stride: int) -> Iterator[tuple[str, Score]]:
     import torch
 
-    encoded = lm.tokenizer(lines, add_special_tokens=False)["input_ids"]
+    encoded = [
+        with_bos(lm.tokenizer, ids) for ids in lm.tokenizer(lines, add_special_tokens=False)["input_ids"]
+    ]
     scores: dict[int, Score] = {}
     short = []
     for i, (line, ids) in enumerate(zip(lines, encoded, strict=True)):

@@ -159,6 +159,7 @@ def _plan(
         "version": CACHE_VERSION,
         "tokenizer": spec.digest,
         "eos": spec.eos,
+        **({"bos": spec.bos} if spec.bos is not None else {}),  # GPT-2's fingerprints stay as they were
         "dtype": spec.dtype,
         "errors": errors,
         "text_field": text_field if any(s.jsonl for s in sources) and pairs is None else None,
@@ -213,22 +214,24 @@ def _jobs(
     text_field: str,
     errors: str,
     stats: ReadStats,
-) -> Iterator[tuple[list[str], list[bool], int]]:
+) -> Iterator[tuple[list[str], list[tuple[bool, bool]], int]]:
+    """Batches of (pieces, (starts a document, ends one) per piece, bytes done)."""
     texts: list[str] = []
-    ends: list[bool] = []
-    chars = 0
+    bounds: list[tuple[bool, bool]] = []
+    chars, starting = 0, True
     for source in plan.sources:
         for text, end in _items(
             source, text_field=text_field, errors=errors, stats=stats, whole=not spec.split
         ):
             texts.append(text)
-            ends.append(end)
+            bounds.append((starting, end))
+            starting = end
             chars += len(text)
             if chars >= BATCH_CHARS or len(texts) >= BATCH_ITEMS:
-                yield texts, ends, stats.bytes
-                texts, ends, chars = [], [], 0
+                yield texts, bounds, stats.bytes
+                texts, bounds, chars = [], [], 0
     if texts:
-        yield texts, ends, stats.bytes
+        yield texts, bounds, stats.bytes
 
 
 def _pair_jobs(

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from llmkit.errors import ModelError
+from llmkit.special import bos_id
 from llmkit.tokens import splits_safely
 
 if TYPE_CHECKING:
@@ -35,6 +36,8 @@ class _TokenizerSpec:
     dtype: str
     split: bool
     """Whether plain text may be tokenized in pieces (see llmkit.tokens.splits_safely)."""
+    bos: int | None = None
+    """Put before each document and record when the tokenizer puts a BOS before text (llmkit.special)."""
 
 
 def _tokenizer_spec(tokenizer: PreTrainedTokenizerBase) -> _TokenizerSpec:
@@ -56,25 +59,35 @@ def _tokenizer_spec(tokenizer: PreTrainedTokenizerBase) -> _TokenizerSpec:
     vocab = backend.get_vocab(with_added_tokens=True)
     size = max(len(tokenizer), max(vocab.values(), default=0) + 1, eos + 1)
     return _TokenizerSpec(
-        text, hashlib.sha256(text.encode()).hexdigest(), eos, token_dtype(size), splits_safely(tokenizer)
+        text,
+        hashlib.sha256(text.encode()).hexdigest(),
+        eos,
+        token_dtype(size),
+        splits_safely(tokenizer),
+        bos_id(tokenizer),
     )
 
 
 class _Encoder:
-    """Batches of text → one array of ids, EOS after each document's last piece."""
+    """Batches of text → one array of ids: EOS after each document's last piece, and the BOS before
+    its first where the tokenizer uses one."""
 
-    def __init__(self, tokenizer_json: str, eos: int, dtype: str) -> None:
+    def __init__(self, tokenizer_json: str, eos: int, dtype: str, bos: int | None = None) -> None:
         from tokenizers import Tokenizer
 
         self.tokenizer = Tokenizer.from_str(tokenizer_json)
-        self.eos, self.dtype = eos, dtype
+        self.eos, self.dtype, self.bos = eos, dtype, bos
+        self.lead = [] if bos is None else [bos]
 
-    def __call__(self, texts: list[str], ends: list[bool]) -> np.ndarray:
+    def __call__(self, texts: list[str], bounds: list[tuple[bool, bool]]) -> np.ndarray:
+        """`bounds`: (starts a document, ends one) for each piece."""
         import numpy as np
 
         encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
         ids: list[int] = []
-        for encoding, end in zip(encode(texts, add_special_tokens=False), ends, strict=True):
+        for encoding, (start, end) in zip(encode(texts, add_special_tokens=False), bounds, strict=True):
+            if start:
+                ids.extend(self.lead)
             ids.extend(encoding.ids)
             if end:
                 ids.append(self.eos)
@@ -82,8 +95,9 @@ class _Encoder:
 
     def pairs(self, prompts: list[str], completions: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ids, learn mask, record lengths) for prompt/completion records: each record is
-        ids(prompt) + ids(completion) + EOS, tokenized apart so the boundary is exact; the mask is 0 on
-        the prompt's ids and 1 on the completion's and the EOS."""
+        [BOS] + ids(prompt) + ids(completion) + EOS, tokenized apart so the boundary is exact (the BOS
+        only where the tokenizer uses one); the mask is 0 on the BOS and the prompt's ids and 1 on the
+        completion's and the EOS."""
         import numpy as np
 
         encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
@@ -92,27 +106,28 @@ class _Encoder:
         mask: list[int] = []
         lengths: list[int] = []
         for prompt, completion in zip(encoded[: len(prompts)], encoded[len(prompts) :], strict=True):
+            ids += self.lead
             ids += prompt.ids
             ids += completion.ids
             ids.append(self.eos)
-            mask += [0] * len(prompt.ids)
+            mask += [0] * (len(self.lead) + len(prompt.ids))
             mask += [1] * (len(completion.ids) + 1)
-            lengths.append(len(prompt.ids) + len(completion.ids) + 1)
+            lengths.append(len(self.lead) + len(prompt.ids) + len(completion.ids) + 1)
         return np.array(ids, dtype=self.dtype), np.array(mask, dtype=np.uint8), np.array(lengths, np.int64)
 
 
 _worker: _Encoder | None = None
 
 
-def _init_worker(tokenizer_json: str, eos: int, dtype: str) -> None:
+def _init_worker(tokenizer_json: str, eos: int, dtype: str, bos: int | None) -> None:
     global _worker
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
-    _worker = _Encoder(tokenizer_json, eos, dtype)
+    _worker = _Encoder(tokenizer_json, eos, dtype, bos)
 
 
-def _work(texts: list[str], ends: list[bool]) -> np.ndarray:
+def _work(texts: list[str], bounds: list[tuple[bool, bool]]) -> np.ndarray:
     assert _worker is not None
-    return _worker(texts, ends)
+    return _worker(texts, bounds)
 
 
 def _work_pairs(prompts: list[str], completions: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -125,11 +140,11 @@ def _encoded(
 ) -> Iterator[tuple[Any, Any]]:
     """(result, tag) per job, in job order, encoded here or by `num_proc` worker processes.
 
-    A job is (texts, ends, tag) and its result the ids (`_Encoder.__call__`); with `pairs`, a job is
+    A job is (texts, bounds, tag) and its result the ids (`_Encoder.__call__`); with `pairs`, a job is
     (prompts, completions, tag) and its result (ids, mask, lengths) (`_Encoder.pairs`). The tag (bytes
     done, say) comes back untouched.
     """
-    args = (spec.json, spec.eos, spec.dtype)
+    args = (spec.json, spec.eos, spec.dtype, spec.bos)
     if num_proc == 1:
         encoder = _Encoder(*args)
         call = encoder.pairs if pairs else encoder
@@ -141,8 +156,8 @@ def _encoded(
     # spawn, not fork: the parent may hold torch or tokenizer threads that a fork would copy mid-flight.
     with multiprocessing.get_context("spawn").Pool(num_proc, _init_worker, args) as pool:
         pending: deque[tuple[Any, int]] = deque()  # a bounded window: the corpus never queues up whole
-        for texts, ends, done in jobs:
-            pending.append((pool.apply_async(_work_pairs if pairs else _work, (texts, ends)), done))
+        for first, second, done in jobs:
+            pending.append((pool.apply_async(_work_pairs if pairs else _work, (first, second)), done))
             if len(pending) >= 2 * num_proc:
                 result, at = pending.popleft()
                 yield result.get(), at

@@ -19,6 +19,7 @@ from llmkit.serve.engine import Chunk, Engine, Sequence, TokenInfo
 from llmkit.serve.errors import APIError
 from llmkit.serve.sampling import SamplingParams
 from llmkit.serve.schemas import MAX_PROMPTS, CompletionRequest, Sampling
+from llmkit.special import with_bos
 
 DISCONNECT_POLL_S = 0.5
 
@@ -104,7 +105,10 @@ def encode_prompts(engine: Engine, prompt: Any) -> list[tuple[list[int], str | N
     out = []
     for item in prompt:
         if isinstance(item, str):
+            # Text gets the tokenizer's BOS (as `tokenizer(text)` does: lm-eval's hf model scores so);
+            # token ids are taken as given.
             ids = tok(item, add_special_tokens=False)["input_ids"] if item else []
+            ids = with_bos(tok, ids)
             text: str | None = item
         else:
             ids, text = list(item), None

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from llmkit.generation import find_stop, held_back
 from llmkit.serve.kvcache import new_cache
 from llmkit.serve.sampling import Sampler, SamplingParams, pick_batch
+from llmkit.special import bos_id
 
 if TYPE_CHECKING:
     import torch
@@ -123,13 +124,18 @@ class Sequence:
         if self.params.logprobs is not None:
             import torch
 
+            # A BOS llmkit put before a text prompt is context, not text: it is not echoed, and the
+            # text's first token is scored given it.
+            lead = 1 if self.prompt_text is not None and self.engine.bos is not None else 0
             prompt, starts = IncrementalText(self.engine.decode), []
-            for token in self.prompt_ids:  # where each token's text begins
+            for token in self.prompt_ids[lead:]:  # where each token's text begins
                 starts.append(len(prompt.value))
                 prompt.add(token)
             logprobs = torch.log_softmax(prompt_logits, dim=-1) if prompt_logits is not None else None
             for i, token in enumerate(self.prompt_ids):
-                info = TokenInfo(token, self.engine.decode([token]), starts[i])
+                if i < lead:
+                    continue
+                info = TokenInfo(token, self.engine.decode([token]), starts[i - lead])
                 if i > 0 and logprobs is not None:  # the first token has no context to be scored in
                     info.logprob, info.top = self._report(logprobs[i - 1], token)
                 tokens.append(info)
@@ -241,6 +247,7 @@ class Engine:
             eos = lm.tokenizer.eos_token_id
         self.eos_ids: set[int] = set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
         self.pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+        self.bos = bos_id(lm.tokenizer)  # put before text prompts, as the tokenizer itself would
         self._cond = threading.Condition()
         self._pending: deque[Sequence] = deque()
         self._rows: list[Sequence] = []
