@@ -70,7 +70,9 @@ def test_learns_completions_and_answers_held_out_prompts(cli, tiny_model: Path, 
     out = tmp_path / "adder"
     result = cli(
         "finetune", train, "-o", out, "-m", tiny_model, "--block-size", "64", "--batch-size", "8",
-        "--max-steps", "150", "--lr", "4e-3", "--warmup-steps", "10", "--dropout", "0",
+        # 150 steps got 8/10 on a Xeon with AMX and 10/10 on an EPYC: training's arithmetic differs
+        # by CPU, so train to where both (and seed 1) get 10/10, leaving the 9/10 bar slack.
+        "--max-steps", "250", "--lr", "4e-3", "--warmup-steps", "10", "--dropout", "0",
         "--val-split", "0", "--no-cache", "--save-every", "0",
     )  # fmt: skip
     assert result.exit_code == 0, result.stderr
