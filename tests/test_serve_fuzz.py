@@ -312,3 +312,16 @@ def test_a_failure_in_one_sequence_ends_it_alone(tiny_model: Path, monkeypatch: 
         assert "".join(c.text for c in chunks) == text
     assert isinstance(together[1][-1].error, RuntimeError)
     assert engine.stats()["running"] == 0
+
+
+def test_a_list_of_prompts_samples_what_the_prompts_sent_one_by_one_would(srv: Server) -> None:
+    """Choice k·n + j draws from seed + k·n + j: prompts in one request don't share their randomness."""
+    body = {"max_tokens": 6, "min_tokens": 6, "n": 2, "temperature": 1.0}
+    status, together = srv.post("/v1/completions", {**body, "prompt": ["The cat", "The cat"], "seed": 11})
+    assert status == 200, together
+    texts = [c["text"] for c in sorted(together["choices"], key=lambda c: c["index"])]
+    first = srv.post("/v1/completions", {**body, "prompt": "The cat", "seed": 11})[1]
+    second = srv.post("/v1/completions", {**body, "prompt": "The cat", "seed": 13})[1]
+    alone = [c["text"] for c in first["choices"] + second["choices"]]
+    assert texts == alone
+    assert texts[:2] != texts[2:]  # the same prompt twice in a list is sampled twice, not copied

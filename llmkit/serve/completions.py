@@ -92,7 +92,8 @@ def sampling_params(
 
 
 def choice_seed(seed: int | None, index: int) -> int | None:
-    """The seed of a request's `index`-th choice: seed + index, wrapped into torch's 64 bits."""
+    """The seed of a request's `index`-th choice (k·n + j for sample j of prompt k): seed + index,
+    wrapped into torch's 64 bits."""
     return None if seed is None else (seed + index) % 2**64
 
 
@@ -254,13 +255,15 @@ def completion_run(engine: Engine, req: CompletionRequest, model: str) -> tuple[
         )
     run = Run(engine, "text_completion", model)
     lengths = []
-    for ids, text in prompts:
+    for k, (ids, text) in enumerate(prompts):
         max_tokens = req.max_tokens if req.max_tokens is not None else engine.context - len(ids)
         check_budget(engine, len(ids), max_tokens)
         params = sampling_params(engine, req, max_tokens, req.logprobs, req.echo)
         lengths.append(len(ids))
         for j in range(req.n):
-            run.add(ids, text, params, choice_seed(req.seed, j))
+            # Choice index k·n + j, as OpenAI numbers them: different prompts draw differently, and a
+            # list of prompts samples what the same prompts sent one by one (seed + k·n) would.
+            run.add(ids, text, params, choice_seed(req.seed, k * req.n + j))
     return run, lengths
 
 
