@@ -95,6 +95,7 @@ COMMANDS = (
     ("plot", "plot", "plot"),
     ("serve", "serve", "serve"),
     ("export", "export", "export"),
+    ("chat", "chat", "chat"),
 )
 
 
