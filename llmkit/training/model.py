@@ -1,0 +1,142 @@
+"""The model a run trains and its tokenizer: pretrained weights (with LoRA adapters), or a fresh model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llmkit.config import TrainConfig
+from llmkit.errors import ModelError, UsageError
+
+if TYPE_CHECKING:
+    from llmkit.models import ModelSource
+
+# GPT-2's residual, embedding and attention dropout: what --dropout sets.
+DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
+
+
+def build_model(cfg: TrainConfig) -> tuple[Any, Any, float | None]:
+    """(model, tokenizer, the base config's dropout): pretrained weights (with LoRA adapters to train),
+    or a fresh model."""
+    from llmkit.models import load_weights, resolve
+
+    # gpt2's architecture is transformers' GPT2Config default: training it from scratch with a tokenizer
+    # of one's own needs nothing from the hub.
+    known_config = (
+        cfg.from_scratch and cfg.tokenizer is not None and cfg.model in ("gpt2", "openai-community/gpt2")
+    )
+    source = None
+    if not known_config:
+        # From scratch with --tokenizer, a directory holding only config.json (a model shape) will do.
+        source = resolve(
+            cfg.model,
+            offline=cfg.offline,
+            allow_pickle=cfg.allow_pickle,
+            weights=not cfg.from_scratch,
+            tokenizer=cfg.tokenizer is None,
+        )
+    tokenizer = _tokenizer(cfg, source)
+    dropout = {} if cfg.dropout is None else dict.fromkeys(DROPOUT_KEYS, cfg.dropout)
+    base_dropout = _config_dropout(source)
+    if cfg.from_scratch:
+        return _fresh_model(cfg, source, tokenizer, dropout), tokenizer, base_dropout
+    assert source is not None
+    # An adapter given as the base arrives merged into its own base: a model like any other.
+    model = load_weights(source, cfg.model, dtype="float32", allow_pickle=cfg.allow_pickle, **dropout)
+    if cfg.lora:
+        from llmkit import lora
+
+        model = lora.wrap(model, cfg, base=lora.base_reference(source))
+    return model, tokenizer, base_dropout
+
+
+def _config_dropout(source: ModelSource | None) -> float | None:
+    """The dropout the base model's config sets, which a run without --dropout trains with; None when
+    its three GPT-2 dropouts differ or it has none. (source None: transformers' GPT2Config.)"""
+    if source is None:
+        from transformers import GPT2Config
+
+        config = GPT2Config().to_dict()
+    else:
+        try:
+            config = json.loads((source.model_dir / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+    values = {config.get(key) for key in DROPOUT_KEYS}
+    return values.pop() if len(values) == 1 and None not in values else None
+
+
+def _tokenizer(cfg: TrainConfig, source: ModelSource | None) -> Any:
+    from llmkit.models import has_tokenizer, load_tokenizer
+
+    if cfg.tokenizer is not None:
+        tok_dir = Path(cfg.tokenizer)
+        if not (tok_dir.is_dir() and has_tokenizer(tok_dir)):
+            raise ModelError(
+                f"{cfg.tokenizer} is not a tokenizer directory",
+                "make one with: llmkit train-tokenizer DATA -o DIR",
+            )
+        tokenizer = load_tokenizer(tok_dir, cfg.tokenizer)
+    else:
+        assert source is not None
+        tokenizer = load_tokenizer(source.tokenizer_dir, cfg.model)
+    if tokenizer.eos_token_id is None:
+        raise ModelError(
+            f"the tokenizer of {cfg.tokenizer or cfg.model} has no end-of-text token",
+            "documents are joined with it; train one with llmkit train-tokenizer",
+        )
+    return tokenizer
+
+
+def _fresh_model(
+    cfg: TrainConfig, source: ModelSource | None, tokenizer: Any, dropout: dict[str, float]
+) -> Any:
+    """Random weights in the base model's shape, with the from-scratch overrides, in float32."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if source is None:
+        from transformers import GPT2Config
+
+        config = GPT2Config()
+    else:
+        config = AutoConfig.from_pretrained(source.model_dir, local_files_only=True)
+    overrides = {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd, **dropout}
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(config, key, value)
+    if cfg.context is not None:
+        config.n_positions = cfg.context
+    if config.n_embd % config.n_head:
+        raise UsageError(
+            f"n_embd {config.n_embd} is not divisible by n_head {config.n_head}",
+            "pick --n-embd and --n-head so that heads split the width evenly",
+        )
+    config.vocab_size = len(tokenizer)
+    config.bos_token_id = (
+        tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    )
+    config.eos_token_id = tokenizer.eos_token_id
+    # float32 master weights whatever the base's config says (the built-in model's says bfloat16, and
+    # transformers would build in it): bf16 speed comes from autocast, not from the parameters.
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def checkpointing(model: Any, enable: bool) -> None:
+    """Activation checkpointing on or off, non-reentrant.
+
+    The reentrant variant passes gradients only through inputs that require them, and with --lora the
+    frozen embeddings' output doesn't: the adapters would get none. (transformers 5.24 also marks that
+    output as requiring grad; this holds without it.) 5.24 has new names; the old ones warn there.
+    """
+    kwargs = {"use_reentrant": False}
+    if not hasattr(model, "activation_checkpointing_enable"):  # older transformers
+        if enable:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_disable()
+    elif enable:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.activation_checkpointing_disable()
