@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
     from llmkit.config import TrainConfig
-    from llmkit.models import ModelSource
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -68,15 +67,6 @@ def check_dir(path: Path, *, allow_pickle: bool, label: str, weights: bool = Tru
             f"{label} has only pickle adapter weights ({PICKLE_WEIGHTS}), which can run code when loaded",
             "convert them to safetensors, or pass --allow-pickle if you trust their source",
         )
-
-
-def base_reference(source: ModelSource) -> str:
-    """How a new adapter names its base: what --model resolves again, wherever the adapter goes.
-
-    A local directory by its absolute path (a relative one would depend on where llmkit runs); a
-    built-in or hub model by its name, not by the cache folder it happens to sit in.
-    """
-    return str(source.path) if source.origin == "local directory" else source.name
 
 
 # -- loading ---------------------------------------------------------------------------------------

@@ -56,6 +56,14 @@ class ModelSource:
         """Adapter directories to apply to the model in `model_dir`, innermost first."""
         return [] if self.base is None else [*self.base.adapters, self.path]
 
+    @property
+    def reference(self) -> str:
+        """How a new adapter names this model as its base: what --model resolves again, wherever the
+        adapter goes. A local directory by its absolute path (a relative one would depend on where
+        llmkit runs); a built-in or hub model by its name, not by the cache folder it happens to sit in.
+        """
+        return str(self.path) if self.origin == "local directory" else self.name
+
 
 @dataclass
 class LoadedModel:

@@ -7,7 +7,7 @@ without special tokens and each one is followed by the tokenizer's EOS id; the i
 in order, into a flat numpy file under the cache directory, which is then cut into blocks of
 `block_size` ids (no padding; a last partial block is dropped).
 
-Prompt/completion JSONL (records.py) is the other kind of data: each record becomes prompt ids +
+Prompt/completion JSONL (records.py, packing.py) is the other kind of data: each record becomes prompt ids +
 completion ids + EOS with a learn mask (0 on the prompt), stored in the cache beside the ids, and
 records are packed whole into blocks, the rest padding, so a completion never loses its prompt.
 
@@ -28,7 +28,7 @@ library; numpy, tokenizers and torch are imported when first needed.
 from llmkit.data.blocks import Blocks, PreparedData, collate, prepare, split_blocks
 from llmkit.data.cache import ProgressFn, TokenData, default_cache_dir, tokenize
 from llmkit.data.encoder import token_dtype
-from llmkit.data.records import RecordBlocks
+from llmkit.data.packing import RecordBlocks
 from llmkit.data.sources import ReadStats, read_documents
 
 __all__ = [

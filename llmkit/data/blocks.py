@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from llmkit.data.cache import ProgressFn, TokenData, _tokenize_all
-from llmkit.data.records import LONG_RECORDS, Packing, RecordBlocks, packed, pair_fields
+from llmkit.data.packing import LONG_RECORDS, Packing, RecordBlocks, packed
+from llmkit.data.records import pair_fields
 from llmkit.data.sources import _check_options, _resolve
 from llmkit.errors import InputError, UsageError
 

@@ -47,7 +47,7 @@ def build_model(cfg: TrainConfig) -> tuple[Any, Any, float | None]:
     if cfg.lora:
         from llmkit import lora
 
-        model = lora.wrap(model, cfg, base=lora.base_reference(source))
+        model = lora.wrap(model, cfg, base=source.reference)
     return model, tokenizer, base_dropout
 
 
