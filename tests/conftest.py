@@ -1,7 +1,9 @@
-"""Shared fixtures: a tiny GPT-2 built once per session, offline mode, and a CLI runner."""
+"""Shared fixtures: a tiny GPT-2 built once per session, offline mode, a CLI runner, and the corpora and
+`finetune` arguments the fine-tuning tests share."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from llmkit.testing import build_tiny_model
+from llmkit.testing import build_tiny_model, sentences
 
 # A suite started in the background by a non-interactive shell (`make test &`, some CI runners) has
 # SIGINT ignored, and children inherit that: the Ctrl-C tests would then test nothing but `nohup`.
@@ -127,3 +129,41 @@ def assert_same_weights(
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
     return b
+
+
+# -- fine-tuning -----------------------------------------------------------------------------------
+PATTERN = "The cat sees the moon. A dog likes the sea.\n"
+
+
+@pytest.fixture(scope="module")
+def pattern_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One sentence pair 300 times: a tiny model learns it in a few dozen steps."""
+    path = tmp_path_factory.mktemp("data") / "pattern.txt"
+    path.write_text(PATTERN * 300)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sentence_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2,500 generated sentences (seed 4): enough blocks for runs of tens of steps with checkpoints."""
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    path.write_text("\n".join(sentences(2500, seed=4)))
+    return path
+
+
+def finetune_args(data: Path | list[Path], out: Path, model: Path | str, *flags: object) -> list[str]:
+    """`finetune DATA -o OUT -m MODEL` with blocks of 32 and the token cache beside OUT, then `flags`."""
+    paths = data if isinstance(data, list) else [data]
+    cache = out.parent / "cache"
+    named = ["-o", str(out), "-m", str(model), "--block-size", "32", "--cache-dir", str(cache)]
+    return ["finetune", *map(str, paths), *named, *map(str, flags)]
+
+
+def meta(out: Path) -> dict:
+    """A finished run's llmkit.json."""
+    return json.loads((out / "llmkit.json").read_text())
+
+
+def metrics(out: Path) -> list[dict]:
+    """A run's metrics.jsonl, one dict per line."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -10,73 +10,38 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_torchrun
+from conftest import PATTERN, finetune_args, metrics, run_torchrun
 from transformers import AutoModelForCausalLM, AutoTokenizer
-
-PATTERN = "The cat sees the moon. A dog likes the sea.\n"
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "pattern.txt"
-    path.write_text(PATTERN * 300)
-    return path
 
 
 def train(cli, model: Path, data: Path, out: Path, *flags: str):
-    result = cli(
-        "finetune",
-        data,
-        "-o",
-        out,
-        "-m",
-        model,
-        "--block-size",
-        "32",
-        "--cache-dir",
-        out.parent / "token-cache",
-        *flags,
-    )
+    result = cli(*finetune_args(data, out, model, *flags))
     assert result.exit_code == 0, result.stderr
     return result
 
 
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, corpus: Path, tiny_model: Path) -> tuple[Path, object]:
+def trained(
+    tmp_path_factory: pytest.TempPathFactory, pattern_corpus: Path, tiny_model: Path
+) -> tuple[Path, object]:
     from typer.testing import CliRunner
 
     from llmkit.cli.app import app
 
     out = tmp_path_factory.mktemp("runs") / "pattern-model"
-    result = CliRunner().invoke(
-        app,
-        [
-            "finetune",
-            str(corpus),
-            "-o",
-            str(out),
-            "-m",
-            str(tiny_model),
-            "--block-size",
-            "32",
-            "--lr",
-            "3e-3",
-            "--max-steps",
-            "60",
-            "--eval-every",
-            "20",
-            "--log-every",
-            "5",
-            "--warmup-steps",
-            "5",
-            "--cache-dir",
-            str(out.parent / "cache"),
-        ],
-    )
+    flags = [
+        "--lr",
+        "3e-3",
+        "--max-steps",
+        "60",
+        "--eval-every",
+        "20",
+        "--log-every",
+        "5",
+        "--warmup-steps",
+        "5",
+    ]
+    result = CliRunner().invoke(app, finetune_args(pattern_corpus, out, tiny_model, *flags))
     assert result.exit_code == 0, result.stderr
     return out, result
 
@@ -139,11 +104,11 @@ def test_plain_transformers_loads_it_with_the_same_logits(trained) -> None:
     assert generator("The cat", max_new_tokens=5, do_sample=False)[0]["generated_text"].startswith("The cat")
 
 
-def test_cache_hit_on_the_second_run(cli, corpus: Path, tiny_model: Path, tmp_path: Path) -> None:
+def test_cache_hit_on_the_second_run(cli, pattern_corpus: Path, tiny_model: Path, tmp_path: Path) -> None:
     cache = str(tmp_path / "cache")
     args = [
         "finetune",
-        corpus,
+        pattern_corpus,
         "-m",
         tiny_model,
         "--block-size",
@@ -162,12 +127,20 @@ def test_cache_hit_on_the_second_run(cli, corpus: Path, tiny_model: Path, tmp_pa
 
 
 def test_grad_accum_matches_a_bigger_batch(
-    cli, corpus: Path, tiny_model_nodrop: Path, tmp_path: Path
+    cli, pattern_corpus: Path, tiny_model_nodrop: Path, tmp_path: Path
 ) -> None:
     common = ["--max-steps", "6", "--log-every", "1", "--lr", "1e-3", "--val-split", "0"]
-    train(cli, tiny_model_nodrop, corpus, tmp_path / "big", "--batch-size", "8", *common)
+    train(cli, tiny_model_nodrop, pattern_corpus, tmp_path / "big", "--batch-size", "8", *common)
     train(
-        cli, tiny_model_nodrop, corpus, tmp_path / "accum", "--batch-size", "2", "--grad-accum", "4", *common
+        cli,
+        tiny_model_nodrop,
+        pattern_corpus,
+        tmp_path / "accum",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "4",
+        *common,
     )
     big, accum = metrics(tmp_path / "big"), metrics(tmp_path / "accum")
     assert [r["loss"] for r in accum] == pytest.approx([r["loss"] for r in big], rel=1e-4)
@@ -182,10 +155,10 @@ def test_grad_accum_matches_a_bigger_batch(
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(corpus: Path, tiny_model_nodrop: Path, tmp_path: Path) -> None:
+def test_two_processes_match_one(pattern_corpus: Path, tiny_model_nodrop: Path, tmp_path: Path) -> None:
     common = [
         "finetune",
-        str(corpus),
+        str(pattern_corpus),
         "-m",
         str(tiny_model_nodrop),
         "--block-size",
@@ -220,9 +193,9 @@ def test_two_processes_match_one(corpus: Path, tiny_model_nodrop: Path, tmp_path
     assert m2[-1]["tokens"] == m1[-1]["tokens"]
 
 
-def test_from_scratch_with_a_trained_tokenizer(cli, corpus: Path, tmp_path: Path) -> None:
+def test_from_scratch_with_a_trained_tokenizer(cli, pattern_corpus: Path, tmp_path: Path) -> None:
     bpe = tmp_path / "bpe"
-    made = cli("train-tokenizer", corpus, "-o", bpe, "--vocab-size", "300")
+    made = cli("train-tokenizer", pattern_corpus, "-o", bpe, "--vocab-size", "300")
     assert made.exit_code == 0, made.stderr
     assert made.stdout == f"{bpe}\n"
     tok = AutoTokenizer.from_pretrained(bpe)
@@ -235,7 +208,7 @@ def test_from_scratch_with_a_trained_tokenizer(cli, corpus: Path, tmp_path: Path
     train(
         cli,
         Path("gpt2"),
-        corpus,
+        pattern_corpus,
         out,
         "--from-scratch",
         "--tokenizer",
@@ -272,24 +245,26 @@ def test_from_scratch_with_a_trained_tokenizer(cli, corpus: Path, tmp_path: Path
     assert text.exit_code == 0, text.stderr
 
 
-def test_output_directory_rules(cli, corpus: Path, tiny_model: Path, tmp_path: Path) -> None:
+def test_output_directory_rules(cli, pattern_corpus: Path, tiny_model: Path, tmp_path: Path) -> None:
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     refused = cli(
-        "finetune", corpus, "-o", foreign, "-m", tiny_model, "--block-size", "32", "--max-steps", "1"
+        "finetune", pattern_corpus, "-o", foreign, "-m", tiny_model, "--block-size", "32", "--max-steps", "1"
     )
     assert refused.exit_code == 1 and "not an earlier llmkit run" in refused.stderr
-    train(cli, tiny_model, corpus, foreign, "--max-steps", "1", "--overwrite")
+    train(cli, tiny_model, pattern_corpus, foreign, "--max-steps", "1", "--overwrite")
     assert (foreign / "notes.txt").read_text() == "mine"  # --overwrite replaces model files, nothing else
     # An earlier run's model is replaced only with --overwrite (tests/test_finetune_fixes.py has more).
-    again = cli("finetune", corpus, "-o", foreign, "-m", tiny_model, "--block-size", "32", "--max-steps", "2")
+    again = cli(
+        "finetune", pattern_corpus, "-o", foreign, "-m", tiny_model, "--block-size", "32", "--max-steps", "2"
+    )
     assert again.exit_code == 2 and "--overwrite" in again.stderr
-    train(cli, tiny_model, corpus, foreign, "--max-steps", "2", "--overwrite")
+    train(cli, tiny_model, pattern_corpus, foreign, "--max-steps", "2", "--overwrite")
     assert [r["step"] for r in metrics(foreign)] == [2]  # a fresh run starts a fresh metrics.jsonl
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    assert cli("finetune", corpus, "-o", a_file, "-m", tiny_model).exit_code == 1
+    assert cli("finetune", pattern_corpus, "-o", a_file, "-m", tiny_model).exit_code == 1
 
 
 @pytest.mark.parametrize(
@@ -341,15 +316,15 @@ def test_plot(cli, trained, tmp_path: Path) -> None:
 
 
 def test_compiled_model_trains_like_eager_and_keeps_parameter_names(
-    cli, corpus: Path, tiny_model_nodrop: Path, tmp_path: Path
+    cli, pattern_corpus: Path, tiny_model_nodrop: Path, tmp_path: Path
 ) -> None:
     from safetensors.torch import load_file
     from torch._dynamo.utils import counters
 
     common = ["--max-steps", "4", "--log-every", "1", "--lr", "1e-3", "--val-split", "0", "--save-every", "2"]
-    train(cli, tiny_model_nodrop, corpus, tmp_path / "eager", *common)
+    train(cli, tiny_model_nodrop, pattern_corpus, tmp_path / "eager", *common)
     counters.clear()
-    train(cli, tiny_model_nodrop, corpus, tmp_path / "compiled", *common, "--compile")
+    train(cli, tiny_model_nodrop, pattern_corpus, tmp_path / "compiled", *common, "--compile")
     assert counters["stats"]["unique_graphs"] >= 1  # the model really was compiled
     eager, compiled = metrics(tmp_path / "eager"), metrics(tmp_path / "compiled")
     assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=1e-3)

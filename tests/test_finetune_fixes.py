@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import finetune_args, meta
 from safetensors.torch import load_file
 
 from llmkit.testing import sentences
@@ -21,23 +22,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def finetune(cli, corpus: Path, out: Path, model: Path | str, *flags: str):
-    return cli(
-        "finetune",
-        corpus,
-        "-o",
-        out,
-        "-m",
-        model,
-        "--block-size",
-        "32",
-        "--cache-dir",
-        out.parent / "cache",
-        *flags,
-    )
-
-
-def meta(out: Path) -> dict:
-    return json.loads((out / "llmkit.json").read_text())
+    return cli(*finetune_args(corpus, out, model, *flags))
 
 
 @pytest.fixture(scope="module")

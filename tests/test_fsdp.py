@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_torchrun
+from conftest import finetune_args, run_torchrun
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -40,25 +40,8 @@ SHIM = Path(__file__).with_name("fsdp_cpu.py")
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from llmkit.testing import sentences
-
-    path = tmp_path_factory.mktemp("data") / "text.txt"
-    path.write_text("\n".join(sentences(2500, seed=4)))
-    return path
-
-
 def args(model: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "finetune",
-        str(corpus),
-        "-o",
-        str(out),
-        "-m",
-        str(model),
-        "--block-size",
-        "32",
+    steps = [
         "--batch-size",
         "4",
         "--max-steps",
@@ -69,10 +52,8 @@ def args(model: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
         "5",
         "--lr",
         "1e-3",
-        "--cache-dir",
-        str(out.parent / "cache"),
-        *extra,
     ]
+    return finetune_args(corpus, out, model, *steps, *extra)
 
 
 def launch(
@@ -112,16 +93,16 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_fsdp_saves_the_whole_model_and_resumes_exactly(
-    config: Path, tiny_model_nodrop: Path, corpus: Path, tmp_path: Path
+    config: Path, tiny_model_nodrop: Path, sentence_corpus: Path, tmp_path: Path
 ) -> None:
-    fsdp = launch(config, *args(tiny_model_nodrop, corpus, tmp_path / "fsdp"))
+    fsdp = launch(config, *args(tiny_model_nodrop, sentence_corpus, tmp_path / "fsdp"))
     assert fsdp.returncode == 0, fsdp.stderr
     assert "FSDP is not used" not in fsdp.stderr
     # accelerate's FSDP checkpoint format: the model as a sharded (DCP) directory, not model.safetensors.
     assert (tmp_path / "fsdp" / "checkpoints" / "step-10" / "pytorch_model_fsdp_0").is_dir()
 
     # The same run as plain data parallel: every process holds the whole model, so its OUT is the answer.
-    ddp = run_torchrun(*args(tiny_model_nodrop, corpus, tmp_path / "ddp"), env=ONE_THREAD)
+    ddp = run_torchrun(*args(tiny_model_nodrop, sentence_corpus, tmp_path / "ddp"), env=ONE_THREAD)
     assert ddp.returncode == 0, ddp.stderr
     got, want = (
         load_file(tmp_path / "fsdp" / "model.safetensors"),
@@ -143,12 +124,12 @@ def test_fsdp_saves_the_whole_model_and_resumes_exactly(
     # Killed while writing the step-10 checkpoint: step 5 (sharded) is what a resume starts from.
     out = tmp_path / "killed"
     killed = launch(
-        config, *args(tiny_model_nodrop, corpus, out), env={"LLMKIT_FAULT": "checkpoint-write@10"}
+        config, *args(tiny_model_nodrop, sentence_corpus, out), env={"LLMKIT_FAULT": "checkpoint-write@10"}
     )
     assert killed.returncode != 0
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-5"]
     assert not (out / "config.json").exists()
-    resumed = launch(config, *args(tiny_model_nodrop, corpus, out), "--resume")
+    resumed = launch(config, *args(tiny_model_nodrop, sentence_corpus, out), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stderr and "at step 5/10" in resumed.stderr
     again = load_file(out / "model.safetensors")
@@ -158,20 +139,20 @@ def test_fsdp_saves_the_whole_model_and_resumes_exactly(
 
 
 def test_fsdp_refuses_merge_before_training(
-    config: Path, tiny_model: Path, corpus: Path, tmp_path: Path
+    config: Path, tiny_model: Path, sentence_corpus: Path, tmp_path: Path
 ) -> None:
-    result = launch(config, *args(tiny_model, corpus, tmp_path / "merged"), "--lora", "--merge")
+    result = launch(config, *args(tiny_model, sentence_corpus, tmp_path / "merged"), "--lora", "--merge")
     assert result.returncode != 0
     assert "--merge is not supported under FSDP" in result.stderr
     assert not (tmp_path / "merged" / "checkpoints").exists()
 
 
 def test_fsdp_config_on_the_cpu_says_it_is_plain_data_parallel(
-    config: Path, tiny_model: Path, corpus: Path, tmp_path: Path
+    config: Path, tiny_model: Path, sentence_corpus: Path, tmp_path: Path
 ) -> None:
     """Without the shim, as a user runs it: accelerate ignores FSDP on the CPU, and llmkit says so."""
     out = tmp_path / "cpu"
-    result = launch(config, *args(tiny_model, corpus, out), script=None)
+    result = launch(config, *args(tiny_model, sentence_corpus, out), script=None)
     assert result.returncode == 0, result.stderr
     assert "FSDP is not used on cpu" in result.stderr
     assert (out / "config.json").is_file()

@@ -13,25 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_same_weights, run_torchrun
+from conftest import PATTERN, assert_same_weights, finetune_args, metrics, run_torchrun
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmkit.models import BUILTIN_DIR
 
-PATTERN = "The cat sees the moon. A dog likes the sea.\n"
 # Few steps at a rate high enough for a random tiny model to learn something through rank-16 adapters.
 TRAIN = ["--block-size", "32", "--max-steps", "30", "--lr", "3e-3", "--log-every", "5", "--eval-every", "15"]
 TARGETS = ("c_attn", "c_proj", "c_fc")
 PROMPT = "The cat sees the"
 ADAPTER = "adapter_model.safetensors"
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "pattern.txt"
-    path.write_text(PATTERN * 300)
-    return path
 
 
 def invoke(*args: object):
@@ -51,42 +43,28 @@ def invoke(*args: object):
 
 
 def finetune(corpus: Path, model: Path, out: Path, *flags: str):
-    return invoke("finetune", corpus, "-o", out, "-m", model, "--cache-dir", out.parent / "cache", *flags)
+    return invoke(*finetune_args(corpus, out, model, *flags))
 
 
 @pytest.fixture(scope="module")
-def adapter(tmp_path_factory: pytest.TempPathFactory, corpus: Path, tiny_model: Path) -> tuple[Path, object]:
+def adapter(
+    tmp_path_factory: pytest.TempPathFactory, pattern_corpus: Path, tiny_model: Path
+) -> tuple[Path, object]:
     out = tmp_path_factory.mktemp("runs") / "lora"
-    return out, finetune(corpus, tiny_model, out, "--lora", *TRAIN, "--sample-every", "30")
+    return out, finetune(pattern_corpus, tiny_model, out, "--lora", *TRAIN, "--sample-every", "30")
 
 
 @pytest.fixture(scope="module")
-def merged(tmp_path_factory: pytest.TempPathFactory, corpus: Path, tiny_model: Path) -> Path:
+def merged(tmp_path_factory: pytest.TempPathFactory, pattern_corpus: Path, tiny_model: Path) -> Path:
     """The same run as `adapter`, saved merged."""
     out = tmp_path_factory.mktemp("runs") / "merged"
-    finetune(corpus, tiny_model, out, "--lora", *TRAIN, "--sample-every", "30", "--merge")
+    finetune(pattern_corpus, tiny_model, out, "--lora", *TRAIN, "--sample-every", "30", "--merge")
     return out
 
 
 def train(cli, corpus: Path, model: Path, out: Path, *flags: str):
     """finetune through the `cli` fixture, with the block size and token cache every run here uses."""
-    return cli(
-        "finetune",
-        corpus,
-        "-o",
-        out,
-        "-m",
-        model,
-        "--block-size",
-        "32",
-        "--cache-dir",
-        out.parent / "cache",
-        *flags,
-    )
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return cli(*finetune_args(corpus, out, model, *flags))
 
 
 def peft_model(base: Path | str, adapter_dir: Path):
@@ -303,18 +281,18 @@ def test_info_and_tokenize_take_an_adapter(cli, adapter, tiny_model: Path) -> No
     assert count.stdout == cli("tokenize", "-m", tiny_model, "--count", PATTERN).stdout
 
 
-def test_finetune_starts_from_an_adapter(cli, adapter, corpus: Path, tmp_path: Path) -> None:
+def test_finetune_starts_from_an_adapter(cli, adapter, pattern_corpus: Path, tmp_path: Path) -> None:
     out, _ = adapter
     adapter_val = metrics(out)[-1]["val_loss"]
     # A step too small to move anything: validation measures the starting point, base + adapter.
     full = tmp_path / "full"
-    result = train(cli, corpus, out, full, "--max-steps", "1", "--lr", "1e-12")
+    result = train(cli, pattern_corpus, out, full, "--max-steps", "1", "--lr", "1e-12")
     assert result.exit_code == 0, result.stderr
     assert metrics(full)[-1]["val_loss"] == pytest.approx(adapter_val, rel=1e-4)
     assert (full / "config.json").is_file()
     # An adapter on an adapter: its base is the first adapter, which resolves to its own base again.
     stacked = tmp_path / "stacked"
-    result = train(cli, corpus, out, stacked, "--lora", "--max-steps", "1", "--lr", "1e-12")
+    result = train(cli, pattern_corpus, out, stacked, "--lora", "--max-steps", "1", "--lr", "1e-12")
     assert result.exit_code == 0, result.stderr
     assert metrics(stacked)[-1]["val_loss"] == pytest.approx(adapter_val, rel=1e-4)
     config = json.loads((stacked / "adapter_config.json").read_text())
@@ -325,7 +303,7 @@ def test_finetune_starts_from_an_adapter(cli, adapter, corpus: Path, tmp_path: P
 
 
 def test_adapter_names_a_hub_base_by_its_id(
-    cli, corpus: Path, tiny_model: Path, tmp_path: Path, monkeypatch
+    cli, pattern_corpus: Path, tiny_model: Path, tmp_path: Path, monkeypatch
 ) -> None:
     from test_models import hub_cache
 
@@ -337,7 +315,9 @@ def test_adapter_names_a_hub_base_by_its_id(
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hf_home / "hub"))
     hub_cache(hf_home, "someone/tiny-gpt2", tiny_model)
     out = tmp_path / "hub-lora"
-    result = train(cli, corpus, Path("someone/tiny-gpt2"), out, "--lora", "--max-steps", "2", "--lr", "3e-3")
+    result = train(
+        cli, pattern_corpus, Path("someone/tiny-gpt2"), out, "--lora", "--max-steps", "2", "--lr", "3e-3"
+    )
     assert result.exit_code == 0, result.stderr
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "someone/tiny-gpt2"  # not the snapshot folder
@@ -349,9 +329,9 @@ def test_adapter_names_a_hub_base_by_its_id(
     not (BUILTIN_DIR / "tiny-shakespeare" / "config.json").is_file(),
     reason="the built-in model is not built",
 )
-def test_adapter_names_a_builtin_base_by_its_name(cli, corpus: Path, tmp_path: Path) -> None:
+def test_adapter_names_a_builtin_base_by_its_name(cli, pattern_corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "builtin-lora"
-    result = train(cli, corpus, Path("tiny-shakespeare"), out, "--lora", "--max-steps", "2")
+    result = train(cli, pattern_corpus, Path("tiny-shakespeare"), out, "--lora", "--max-steps", "2")
     assert result.exit_code == 0, result.stderr
     assert (
         json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-shakespeare"
@@ -406,9 +386,9 @@ def test_adapter_without_weights(cli, adapter, tmp_path: Path) -> None:
     ],
 )
 def test_bad_lora_options_exit_2(
-    cli, corpus: Path, tiny_model: Path, tmp_path: Path, flags: list[str], message: str
+    cli, pattern_corpus: Path, tiny_model: Path, tmp_path: Path, flags: list[str], message: str
 ) -> None:
-    result = train(cli, corpus, tiny_model, tmp_path / "out", "--max-steps", "1", *flags)
+    result = train(cli, pattern_corpus, tiny_model, tmp_path / "out", "--max-steps", "1", *flags)
     assert result.exit_code == 2, result.stderr
     assert message in error_line(result)
     assert result.stderr.count("Error:") == 1
@@ -434,13 +414,13 @@ def test_lora_defaults_are_resolved_into_the_config() -> None:
 
 
 def test_gradient_checkpointing_trains_the_adapters_the_same(
-    cli, corpus: Path, tiny_model_nodrop: Path, tmp_path: Path
+    cli, pattern_corpus: Path, tiny_model_nodrop: Path, tmp_path: Path
 ) -> None:
     # If checkpointed blocks passed no gradient back (reentrant checkpointing behind frozen embeddings),
     # the adapters would stay where they started: B at zero.
     common = ["--lora", "--lora-dropout", "0", "--max-steps", "6", "--lr", "3e-3"]
     for name, extra in (("plain", ["--no-gradient-checkpointing"]), ("checkpointed", [])):
-        result = train(cli, corpus, tiny_model_nodrop, tmp_path / name, *common, *extra)
+        result = train(cli, pattern_corpus, tiny_model_nodrop, tmp_path / name, *common, *extra)
         assert result.exit_code == 0, result.stderr
     checkpointed = assert_same_weights(tmp_path / "plain", tmp_path / "checkpointed", ADAPTER)
     assert all(t.abs().max() > 0 for k, t in checkpointed.items() if "lora_B" in k)
@@ -473,12 +453,12 @@ def run(argv: list[str], **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_resume_is_bit_exact(tiny_model: Path, corpus: Path, tmp_path: Path) -> None:
+def test_resume_is_bit_exact(tiny_model: Path, pattern_corpus: Path, tmp_path: Path) -> None:
     common = ["--lora", "--block-size", "32", "--batch-size", "4", "--max-steps", "20", "--log-every", "1"]
     common += ["--save-every", "5", "--lr", "3e-3", "--cache-dir", str(tmp_path / "cache")]
 
     def args(out: Path, *extra: str) -> list[str]:
-        return ["finetune", str(corpus), "-o", str(out), "-m", str(tiny_model), *common, *extra]
+        return ["finetune", str(pattern_corpus), "-o", str(out), "-m", str(tiny_model), *common, *extra]
 
     ref, out = tmp_path / "ref", tmp_path / "run"
     done = run(args(ref))
@@ -502,14 +482,14 @@ def test_resume_is_bit_exact(tiny_model: Path, corpus: Path, tmp_path: Path) -> 
 
 @pytest.mark.slow
 def test_two_processes_train_the_adapters_like_one(
-    cli, corpus: Path, tiny_model_nodrop: Path, tmp_path: Path
+    cli, pattern_corpus: Path, tiny_model_nodrop: Path, tmp_path: Path
 ) -> None:
     common = ["--lora", "--lora-dropout", "0", "--max-steps", "4", "--lr", "3e-3", "--block-size", "32"]
     one, two = tmp_path / "one", tmp_path / "two"
-    result = train(cli, corpus, tiny_model_nodrop, one, *common[:-2], "--batch-size", "4")
+    result = train(cli, pattern_corpus, tiny_model_nodrop, one, *common[:-2], "--batch-size", "4")
     assert result.exit_code == 0, result.stderr
     done = run_torchrun(
-        "finetune", corpus, "-o", two, "-m", tiny_model_nodrop, *common, "--batch-size", "2",
+        "finetune", pattern_corpus, "-o", two, "-m", tiny_model_nodrop, *common, "--batch-size", "2",
         "--cache-dir", tmp_path / "cache2", env={"OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -518,9 +498,11 @@ def test_two_processes_train_the_adapters_like_one(
     assert torch.isfinite(logits(model, tiny_model_nodrop)).all()
 
 
-def test_bf16_autocast_trains_fp32_adapters(cli, corpus: Path, tiny_model: Path, tmp_path: Path) -> None:
+def test_bf16_autocast_trains_fp32_adapters(
+    cli, pattern_corpus: Path, tiny_model: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "bf16"
-    result = train(cli, corpus, tiny_model, out, "--lora", "--mixed-precision", "bf16", *TRAIN[2:])
+    result = train(cli, pattern_corpus, tiny_model, out, "--lora", "--mixed-precision", "bf16", *TRAIN[2:])
     assert result.exit_code == 0, result.stderr
     assert "precision bf16" in result.stderr
     saved = load_file(out / "adapter_model.safetensors")
@@ -531,10 +513,10 @@ def test_bf16_autocast_trains_fp32_adapters(cli, corpus: Path, tiny_model: Path,
 
 @pytest.mark.slow
 def test_compile_trains_the_adapters_the_same(
-    cli, corpus: Path, tiny_model_nodrop: Path, tmp_path: Path
+    cli, pattern_corpus: Path, tiny_model_nodrop: Path, tmp_path: Path
 ) -> None:
     common = ["--lora", "--lora-dropout", "0", "--max-steps", "3", "--lr", "3e-3"]
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
-        result = train(cli, corpus, tiny_model_nodrop, tmp_path / name, *common, *extra)
+        result = train(cli, pattern_corpus, tiny_model_nodrop, tmp_path / name, *common, *extra)
         assert result.exit_code == 0, result.stderr
     assert_same_weights(tmp_path / "eager", tmp_path / "compiled", ADAPTER, rtol=1e-4, atol=1e-5)

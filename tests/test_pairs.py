@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_weights
+from conftest import assert_same_weights, finetune_args, meta
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmkit.data import prepare
-from llmkit.data.records import IGNORE, pack
+from llmkit.data.packing import IGNORE, pack
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -39,30 +39,9 @@ def qa(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def finetune(cli, data: Path | list[Path], out: Path, model: Path, *flags: str):
-    paths = data if isinstance(data, list) else [data]
     return cli(
-        "finetune",
-        *paths,
-        "-o",
-        out,
-        "-m",
-        model,
-        "--block-size",
-        "32",
-        "--batch-size",
-        "4",
-        "--max-steps",
-        "4",
-        "--lr",
-        "1e-3",
-        "--cache-dir",
-        out.parent / "cache",
-        *flags,
+        *finetune_args(data, out, model, "--batch-size", "4", "--max-steps", "4", "--lr", "1e-3", *flags)
     )
-
-
-def meta(out: Path) -> dict:
-    return json.loads((out / "llmkit.json").read_text())
 
 
 def test_learns_completions_and_answers_held_out_prompts(cli, tiny_model: Path, tmp_path: Path) -> None:

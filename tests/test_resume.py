@@ -12,46 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import finetune_args
 from safetensors.torch import load_file
 
 PATTERN = "The cat sees the moon. A dog likes the sea. My friend finds a red apple.\n"
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "text.txt"
-    from llmkit.testing import sentences
-
-    path.write_text("\n".join(sentences(2500, seed=4)))
-    return path
-
-
 def args(model: Path, corpus: Path, out: Path, steps: int = 60, *extra: str) -> list[str]:
-    return [
-        "finetune",
-        str(corpus),
-        "-o",
-        str(out),
-        "-m",
-        str(model),
-        "--block-size",
-        "32",
-        "--batch-size",
-        "4",
-        "--max-steps",
-        str(steps),
-        "--log-every",
-        "1",
-        "--save-every",
-        "5",
-        "--eval-every",
-        "20",
-        "--lr",
-        "1e-3",
-        "--cache-dir",
-        str(out.parent / "cache"),
-        *extra,
-    ]
+    every = ["--log-every", "1", "--save-every", "5", "--eval-every", "20"]
+    return finetune_args(
+        corpus, out, model, "--batch-size", "4", "--max-steps", steps, *every, "--lr", "1e-3", *extra
+    )
 
 
 # One thread: these tests are about restoring state, not about the machine. With the default threads
@@ -106,20 +77,20 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, corpus: Path) -> Path:
+def reference(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, sentence_corpus: Path) -> Path:
     """An uninterrupted run (with dropout, so restored RNG states matter)."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    code, _, err = finish(start(args(tiny_model, corpus, out)))
+    code, _, err = finish(start(args(tiny_model, sentence_corpus, out)))
     assert code == 0, err
     assert metric_steps(out) == list(range(1, 61))
     return out
 
 
 def test_ctrl_c_saves_and_resume_is_bit_exact(
-    reference: Path, tiny_model: Path, corpus: Path, tmp_path: Path
+    reference: Path, tiny_model: Path, sentence_corpus: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
-    proc = start(args(tiny_model, corpus, out))
+    proc = start(args(tiny_model, sentence_corpus, out))
     wait_for_step(out, 12, proc)
     proc.send_signal(signal.SIGINT)
     code, stdout, err = finish(proc)
@@ -128,7 +99,7 @@ def test_ctrl_c_saves_and_resume_is_bit_exact(
     assert "Error: interrupted at step" in err and "checkpoint saved to" in err
     assert "Hint: resume with: llmkit finetune" in err and "--resume" in err
     assert not (out / "config.json").exists()  # OUT does not look like a finished model
-    code, stdout, err = finish(start([*args(tiny_model, corpus, out), "--resume"]))
+    code, stdout, err = finish(start([*args(tiny_model, sentence_corpus, out), "--resume"]))
     assert code == 0, err
     assert "resuming from" in err
     assert_same_weights(reference, out)
@@ -136,9 +107,9 @@ def test_ctrl_c_saves_and_resume_is_bit_exact(
     assert losses(out) == losses(reference)
 
 
-def test_sigterm_exits_143_after_saving(tiny_model: Path, corpus: Path, tmp_path: Path) -> None:
+def test_sigterm_exits_143_after_saving(tiny_model: Path, sentence_corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = start(args(tiny_model, corpus, out, 400))
+    proc = start(args(tiny_model, sentence_corpus, out, 400))
     wait_for_step(out, 3, proc)
     proc.send_signal(signal.SIGTERM)
     code, _, err = finish(proc)
@@ -148,28 +119,28 @@ def test_sigterm_exits_143_after_saving(tiny_model: Path, corpus: Path, tmp_path
 
 @pytest.mark.parametrize("kill_at", [7, 23])
 def test_sigkill_then_resume_is_bit_exact(
-    reference: Path, tiny_model: Path, corpus: Path, tmp_path: Path, kill_at: int
+    reference: Path, tiny_model: Path, sentence_corpus: Path, tmp_path: Path, kill_at: int
 ) -> None:
     out = tmp_path / "run"
-    proc = start(args(tiny_model, corpus, out))
+    proc = start(args(tiny_model, sentence_corpus, out))
     wait_for_step(out, kill_at, proc)
     proc.kill()
     finish(proc)
-    code, _, err = finish(start([*args(tiny_model, corpus, out), "--resume"]))
+    code, _, err = finish(start([*args(tiny_model, sentence_corpus, out), "--resume"]))
     assert code == 0, err
     assert_same_weights(reference, out)
     assert metric_steps(out) == list(range(1, 61))  # no duplicated or missing steps
 
 
 def test_kill_during_checkpoint_write_keeps_the_previous_one(
-    reference: Path, tiny_model: Path, corpus: Path, tmp_path: Path
+    reference: Path, tiny_model: Path, sentence_corpus: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
-    code, _, _ = finish(start(args(tiny_model, corpus, out), LLMKIT_FAULT="checkpoint-write@10"))
+    code, _, _ = finish(start(args(tiny_model, sentence_corpus, out), LLMKIT_FAULT="checkpoint-write@10"))
     assert code == -signal.SIGKILL
     assert (out / "checkpoints" / ".tmp-step-10").is_dir()  # died mid-write
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-5"]
-    code, _, err = finish(start([*args(tiny_model, corpus, out), "--resume"]))
+    code, _, err = finish(start([*args(tiny_model, sentence_corpus, out), "--resume"]))
     assert code == 0, err
     assert "at step 5/60" in err
     assert not list((out / "checkpoints").glob(".tmp-*"))
@@ -177,10 +148,10 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(
 
 
 def test_kill_during_final_save_never_looks_complete(
-    tiny_model: Path, corpus: Path, tmp_path: Path, cli
+    tiny_model: Path, sentence_corpus: Path, tmp_path: Path, cli
 ) -> None:
     out = tmp_path / "run"
-    code, _, _ = finish(start(args(tiny_model, corpus, out, 10), LLMKIT_FAULT="final-save"))
+    code, _, _ = finish(start(args(tiny_model, sentence_corpus, out, 10), LLMKIT_FAULT="final-save"))
     assert code == -signal.SIGKILL
     assert (out / "model.safetensors").exists()
     assert not (out / "config.json").exists() and not (out / "llmkit.json").exists()
@@ -188,9 +159,11 @@ def test_kill_during_final_save_never_looks_complete(
     assert result.exit_code == 1 and "not a model directory" in result.stderr
 
 
-def test_resume_refuses_different_settings(tiny_model: Path, corpus: Path, tmp_path: Path, cli) -> None:
+def test_resume_refuses_different_settings(
+    tiny_model: Path, sentence_corpus: Path, tmp_path: Path, cli
+) -> None:
     out = tmp_path / "run"
-    base = args(tiny_model, corpus, out, 10)
+    base = args(tiny_model, sentence_corpus, out, 10)
     assert cli(*base).exit_code == 0
     unsafe = cli(*base[:-2], "--cache-dir", str(tmp_path / "cache"), "--resume", "--lr", "5e-4")
     assert unsafe.exit_code == 2
@@ -209,18 +182,18 @@ def test_resume_refuses_different_settings(tiny_model: Path, corpus: Path, tmp_p
     other.write_text(PATTERN * 200)
     changed = cli("finetune", other, *base[2:], "--resume")
     assert changed.exit_code == 2 and "training data" in changed.stderr
-    nothing = cli(*args(tiny_model, corpus, tmp_path / "fresh", 10), "--resume")
+    nothing = cli(*args(tiny_model, sentence_corpus, tmp_path / "fresh", 10), "--resume")
     assert nothing.exit_code == 1 and "no complete checkpoint" in nothing.stderr
 
 
-def test_keep_and_keep_best(tiny_model: Path, corpus: Path, tmp_path: Path, cli) -> None:
+def test_keep_and_keep_best(tiny_model: Path, sentence_corpus: Path, tmp_path: Path, cli) -> None:
     out = tmp_path / "run"
-    assert cli(*args(tiny_model, corpus, out, 30), "--keep", "2").exit_code == 0
+    assert cli(*args(tiny_model, sentence_corpus, out, 30), "--keep", "2").exit_code == 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-25", "step-30"]
     best = tmp_path / "best"
     # A learning rate this high makes validation worse after the first evaluation.
     result = cli(
-        *args(tiny_model, corpus, best, 30),
+        *args(tiny_model, sentence_corpus, best, 30),
         "--keep",
         "1",
         "--keep-best",
@@ -245,7 +218,7 @@ def test_keep_and_keep_best(tiny_model: Path, corpus: Path, tmp_path: Path, cli)
 
 
 def test_non_finite_steps_are_skipped_then_stop(
-    tiny_model: Path, corpus: Path, tmp_path: Path, cli, monkeypatch
+    tiny_model: Path, sentence_corpus: Path, tmp_path: Path, cli, monkeypatch
 ) -> None:
     from llmkit.training import Trainer
 
@@ -257,7 +230,7 @@ def test_non_finite_steps_are_skipped_then_stop(
 
     monkeypatch.setattr(Trainer, "_loss", flaky)
     out = tmp_path / "run"
-    result = cli(*args(tiny_model, corpus, out, 30), "--max-bad-steps", "3")
+    result = cli(*args(tiny_model, sentence_corpus, out, 30), "--max-bad-steps", "3")
     assert result.exit_code == 1
     assert "step 4: non-finite loss or gradient; update skipped (1 in a row)" in result.stderr
     assert "(2 in a row)" in result.stderr
@@ -271,7 +244,7 @@ def test_non_finite_steps_are_skipped_then_stop(
 
 
 def test_out_of_memory_halves_the_micro_batch(
-    tiny_model_nodrop: Path, corpus: Path, tmp_path: Path, cli, monkeypatch
+    tiny_model_nodrop: Path, sentence_corpus: Path, tmp_path: Path, cli, monkeypatch
 ) -> None:
     from llmkit.training import Trainer
 
@@ -284,57 +257,64 @@ def test_out_of_memory_halves_the_micro_batch(
 
     adapted = tmp_path / "adapted"
     plain = tmp_path / "plain"
-    assert cli(*args(tiny_model_nodrop, corpus, plain, 6), "--batch-size", "8").exit_code == 0
+    assert cli(*args(tiny_model_nodrop, sentence_corpus, plain, 6), "--batch-size", "8").exit_code == 0
     monkeypatch.setattr(Trainer, "_loss", small_memory)
-    result = cli(*args(tiny_model_nodrop, corpus, adapted, 6), "--batch-size", "8")
+    result = cli(*args(tiny_model_nodrop, sentence_corpus, adapted, 6), "--batch-size", "8")
     assert result.exit_code == 0, result.stderr
     assert "retrying with micro-batch 4 and accumulation 2" in result.stderr
     assert "retrying with micro-batch 2 and accumulation 4 (same effective batch of 8)" in result.stderr
     assert losses(adapted) == pytest.approx(losses(plain), rel=1e-4)
-    refused = cli(*args(tiny_model_nodrop, corpus, tmp_path / "one", 6), "--batch-size", "1")
+    refused = cli(*args(tiny_model_nodrop, sentence_corpus, tmp_path / "one", 6), "--batch-size", "1")
     assert refused.exit_code == 0  # batch 1 fits the simulated limit
     monkeypatch.setattr(
         Trainer, "_loss", lambda self, batch: (_ for _ in ()).throw(torch.OutOfMemoryError("x"))
     )
-    failed = cli(*args(tiny_model_nodrop, corpus, tmp_path / "fail", 6), "--batch-size", "1")
+    failed = cli(*args(tiny_model_nodrop, sentence_corpus, tmp_path / "fail", 6), "--batch-size", "1")
     assert failed.exit_code == 1 and "--gradient-checkpointing" in failed.stderr
 
 
-def test_resume_keeps_the_checkpoints_precision(tiny_model: Path, corpus: Path, tmp_path: Path) -> None:
+def test_resume_keeps_the_checkpoints_precision(
+    tiny_model: Path, sentence_corpus: Path, tmp_path: Path
+) -> None:
     # Trained where auto picks bf16, resumed where it would pick fp32: the run stays bf16 and says so,
     # and ends with the weights of the uninterrupted bf16 run, bit for bit.
     ref, out = tmp_path / "ref", tmp_path / "run"
-    code, _, err = finish(start(args(tiny_model, corpus, ref, 20), LLMKIT_CPU_BF16="1"))
+    code, _, err = finish(start(args(tiny_model, sentence_corpus, ref, 20), LLMKIT_CPU_BF16="1"))
     assert code == 0, err
     assert "precision bf16" in err
     assert json.loads((ref / "llmkit.json").read_text())["mixed_precision"] == "bf16"
-    proc = start(args(tiny_model, corpus, out, 20), LLMKIT_CPU_BF16="1", LLMKIT_FAULT="checkpoint-write@15")
+    proc = start(
+        args(tiny_model, sentence_corpus, out, 20), LLMKIT_CPU_BF16="1", LLMKIT_FAULT="checkpoint-write@15"
+    )
     code, _, err = finish(proc)
     assert code == -signal.SIGKILL, err
-    code, _, err = finish(start([*args(tiny_model, corpus, out, 20), "--resume"], LLMKIT_CPU_BF16="0"))
+    code, _, err = finish(
+        start([*args(tiny_model, sentence_corpus, out, 20), "--resume"], LLMKIT_CPU_BF16="0")
+    )
     assert code == 0, err
     assert "mixed precision bf16, as the checkpoint was trained (auto would pick no here" in err
     assert_same_weights(ref, out)
     # Asking for another precision explicitly is a different run.
     code, _, err = finish(
         start(
-            [*args(tiny_model, corpus, out, 20), "--resume", "--mixed-precision", "no"], LLMKIT_CPU_BF16="0"
+            [*args(tiny_model, sentence_corpus, out, 20), "--resume", "--mixed-precision", "no"],
+            LLMKIT_CPU_BF16="0",
         )
     )
     assert code == 2 and "mixed-precision: 'bf16' → 'no'" in err
 
 
-def test_muon_resume_is_bit_exact(tiny_model: Path, corpus: Path, tmp_path: Path) -> None:
+def test_muon_resume_is_bit_exact(tiny_model: Path, sentence_corpus: Path, tmp_path: Path) -> None:
     ref, out = tmp_path / "ref", tmp_path / "run"
     muon = ("--optimizer", "muon")
-    code, _, err = finish(start([*args(tiny_model, corpus, ref, 20), *muon]))
+    code, _, err = finish(start([*args(tiny_model, sentence_corpus, ref, 20), *muon]))
     assert code == 0, err
     assert "Muon lr 0.02 on the blocks' matrices and AdamW lr 0.001 on the rest" in err
     code, _, err = finish(
-        start([*args(tiny_model, corpus, out, 20), *muon], LLMKIT_FAULT="checkpoint-write@15")
+        start([*args(tiny_model, sentence_corpus, out, 20), *muon], LLMKIT_FAULT="checkpoint-write@15")
     )
     assert code == -signal.SIGKILL, err
-    code, _, err = finish(start([*args(tiny_model, corpus, out, 20), *muon, "--resume"]))
+    code, _, err = finish(start([*args(tiny_model, sentence_corpus, out, 20), *muon, "--resume"]))
     assert code == 0, err
     assert "resuming from" in err and (out / "checkpoints" / "step-20" / "optimizer_1.bin").is_file()
     assert_same_weights(ref, out)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import finetune_args, meta
 from transformers import AutoConfig, AutoTokenizer
 
 from llmkit.testing import sentences
@@ -20,27 +21,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def finetune(cli, corpus: Path, out: Path, model: Path | str, *flags: str):
-    return cli(
-        "finetune",
-        corpus,
-        "-o",
-        out,
-        "-m",
-        model,
-        "--block-size",
-        "32",
-        "--max-steps",
-        "6",
-        "--lr",
-        "1e-3",
-        "--cache-dir",
-        out.parent / "cache",
-        *flags,
-    )
-
-
-def meta(out: Path) -> dict:
-    return json.loads((out / "llmkit.json").read_text())
+    return cli(*finetune_args(corpus, out, model, "--max-steps", "6", "--lr", "1e-3", *flags))
 
 
 @pytest.mark.parametrize(("flag", "precision"), [("1", "bf16"), ("0", "no")])
