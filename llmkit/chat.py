@@ -65,6 +65,8 @@ class Turn:
     reused_tokens: int = 0
     """Prompt tokens whose keys and values came from the previous turn's cache (not recomputed)."""
     seconds: float = 0.0
+    first_token_seconds: float | None = None
+    """From sending to the reply's first token: mostly encoding the prompt (what the cache saves)."""
     dropped: int = 0
     """Messages dropped from the start of the conversation to make room (--drop-oldest)."""
 
@@ -274,6 +276,7 @@ class LocalChat:
         cache, reused = self._cache_for(ids)
         criteria = list(self.gen._stopping_criteria(len(ids)) or [])
         criteria.append(_Cancel(cancel, self._step_delay))
+        self.gen.first_token_at = None
         started = time.perf_counter()
         try:
             with torch.inference_mode():
@@ -294,7 +297,16 @@ class LocalChat:
             self._cache, self._cached_ids = cache, (ids + row)[: cache.get_seq_length()]
         sample = self.gen._finish(_Encoded(0, Prompt(0, ""), ids, budget), row, 0, seconds)
         reason = "cancelled" if cancel is not None and cancel.is_set() else sample.finish_reason
-        return Turn(sample.completion, reason, len(ids), sample.completion_tokens, reused, round(seconds, 4))
+        first = self.gen.first_token_at
+        return Turn(
+            sample.completion,
+            reason,
+            len(ids),
+            sample.completion_tokens,
+            reused,
+            round(seconds, 4),
+            None if first is None else round(first - started, 4),
+        )
 
     def _cache_for(self, ids: list[int]) -> tuple[Any, int]:
         """A cache holding the longest prefix of `ids` the last turn left (at least one token to feed)."""
@@ -367,7 +379,7 @@ class RemoteChat:
         body = self.remote._body("", self._seed())
         del body["prompt"], body["n"]
         body.update(messages=messages, stream=True, stream_options={"include_usage": True})
-        text, reason, usage = "", "length", {}
+        text, reason, usage, first = "", "length", {}, None
         started = time.perf_counter()
         with self._post(body) as response:
             for line in response:
@@ -383,6 +395,7 @@ class RemoteChat:
                 for choice in event.get("choices", []):
                     piece = (choice.get("delta") or {}).get("content") or ""
                     if piece:
+                        first = first if first is not None else time.perf_counter() - started
                         on_text(piece)
                         text += piece
                     reason = choice.get("finish_reason") or reason
@@ -395,6 +408,7 @@ class RemoteChat:
             int(usage.get("prompt_tokens", 0)),
             int(usage.get("completion_tokens", 0)),
             seconds=round(time.perf_counter() - started, 4),
+            first_token_seconds=None if first is None else round(first, 4),
         )
 
     def _seed(self) -> int | None:
