@@ -193,7 +193,9 @@ class PerplexityConfig:
 
 LORA_R = 16
 LORA_DROPOUT = 0.05
-LORA_TARGETS = "c_attn,c_proj,c_fc"  # GPT-2's attention (c_attn, c_proj) and MLP (c_fc, c_proj) projections
+LORA_TARGETS = (
+    "c_attn,c_proj,c_fc"  # GPT-2's default: attention (c_attn, c_proj), MLP (c_fc, c_proj) projections
+)
 
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 Schedule = Literal["cosine", "linear", "constant"]
@@ -276,7 +278,9 @@ class TrainConfig:
     lora_dropout: float | None = None
     """Dropout on the adapters' input; None: 0.05 with --lora."""
     lora_targets: str | None = None
-    """Comma-separated names of the layers to adapt; None: GPT-2's attention and MLP projections."""
+    """Comma-separated names of the layers to adapt, or all-linear (every linear layer of the blocks).
+    None: by architecture, filled in when the model is loaded (so a saved config says what ran): GPT-2's
+    attention and MLP projections, else what PEFT adapts for the model type, else all-linear."""
     merge: bool = False
     """With --lora: save the full model with the adapters merged in, instead of the adapter."""
     compile: bool = False
@@ -401,9 +405,10 @@ class TrainConfig:
         _check(self.lora_alpha > 0, "--lora-alpha must be positive")
         self.lora_dropout = LORA_DROPOUT if self.lora_dropout is None else self.lora_dropout
         _check(0 <= self.lora_dropout < 1, "--lora-dropout must be in [0, 1)")
-        targets = LORA_TARGETS if self.lora_targets is None else self.lora_targets
+        if self.lora_targets is None:
+            return  # the architecture's default, chosen when the model is loaded
         # One spelling, so a resume with `c_attn, c_fc` compares equal to `c_attn,c_fc`.
-        self.lora_targets = ",".join(t.strip() for t in targets.split(",") if t.strip())
+        self.lora_targets = ",".join(t.strip() for t in self.lora_targets.split(",") if t.strip())
         _check(bool(self.lora_targets), "--lora-targets names no layer", "e.g. --lora-targets c_attn,c_proj")
 
     @property

@@ -11,6 +11,7 @@ import json
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,18 +92,79 @@ def merge_into(model: PreTrainedModel, adapter: Path, label: str) -> PreTrainedM
 
 
 # -- training --------------------------------------------------------------------------------------
-def wrap(model: PreTrainedModel, cfg: TrainConfig, base: str) -> Any:
-    """A PeftModel: trainable LoRA adapters on `cfg.lora_targets`, every other weight frozen."""
+ALL_LINEAR = "all-linear"
+"""Every linear layer of the blocks (PEFT's shorthand; never the LM head)."""
+
+
+@dataclass
+class Targets:
+    """The layers a run adapts, and why those (what the plan line says)."""
+
+    names: list[str]
+    why: str | None = None
+    """None: named by --lora-targets; else the default that chose them."""
+
+    @property
+    def spec(self) -> str:
+        """The names as --lora-targets takes them (what the run's saved config records)."""
+        return ",".join(self.names)
+
+    def describe(self) -> str:
+        return ", ".join(self.names) + (f" ({self.why})" if self.why else "")
+
+
+def targets(model: PreTrainedModel, given: str | None) -> Targets:
+    """`given` (--lora-targets) as layer names, or the default for the model's architecture: GPT-2's
+    attention and MLP projections, else what PEFT adapts for that model type, else all-linear."""
+    from llmkit.config import LORA_TARGETS
+
+    model_type = getattr(model.config, "model_type", None) or "this model"
+    if given is not None:
+        if ALL_LINEAR not in given.split(","):
+            return Targets(given.split(","))
+        if given != ALL_LINEAR:
+            raise UsageError(
+                f"--lora-targets {ALL_LINEAR} stands alone", f"pass {ALL_LINEAR}, or name the layers"
+            )
+        return Targets(_all_linear(model), ALL_LINEAR)
+    if model_type == "gpt2":  # llmkit's GPT-2 default: attention and MLP, not PEFT's c_attn alone
+        return Targets(LORA_TARGETS.split(","), "GPT-2's attention and MLP")
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+    listed = PEFT_DEFAULTS.get(model_type)
+    if listed:
+        return Targets(list(listed), f"PEFT's default for {model_type}")
+    return Targets(_all_linear(model), f"{ALL_LINEAR}: PEFT has no default for {model_type}")
+
+
+def _all_linear(model: PreTrainedModel) -> list[str]:
+    """The layer names of every Linear and Conv1D but the LM head, as PEFT's all-linear picks them."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    layers = [
+        n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear | Conv1D) and m is not head
+    ]
+    short = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in layers))  # q_proj, … in the order met
+    head_name = next((n for n, m in model.named_modules() if m is head), "")
+    # PEFT matches a name or a dotted suffix: a block layer named like the head would adapt it too.
+    return layers if head_name.rsplit(".", 1)[-1] in short else short
+
+
+def wrap(model: PreTrainedModel, cfg: TrainConfig, base: str) -> tuple[Any, Targets]:
+    """A PeftModel: trainable LoRA adapters on `cfg.lora_targets` (None: the architecture's default),
+    every other weight frozen; and the layers chosen."""
     from peft import LoraConfig, get_peft_model
 
-    assert cfg.lora_targets is not None and cfg.lora_r is not None and cfg.lora_alpha is not None
-    targets = cfg.lora_targets.split(",")
+    assert cfg.lora_r is not None and cfg.lora_alpha is not None
+    chosen = targets(model, cfg.lora_targets)
     config = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout or 0.0,
-        target_modules=targets,
-        fan_in_fan_out=_fan_in_fan_out(model, targets, cfg.model),
+        target_modules=chosen.names,
+        fan_in_fan_out=_fan_in_fan_out(model, chosen.names, cfg.model),
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -111,7 +173,7 @@ def wrap(model: PreTrainedModel, cfg: TrainConfig, base: str) -> Any:
     # PEFT records the folder the weights were read from (a hub snapshot, the package's built-in
     # directory); the adapter names its base the way the user did, which llmkit resolves anywhere.
     adapted.peft_config["default"].base_model_name_or_path = base
-    return adapted
+    return adapted, chosen
 
 
 def _fan_in_fan_out(model: PreTrainedModel, targets: list[str], label: str) -> bool:

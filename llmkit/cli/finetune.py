@@ -200,7 +200,8 @@ def finetune(
         str | None,
         typer.Option(
             "--lora-targets",
-            help="Comma-separated layers to adapt (default c_attn,c_proj,c_fc: GPT-2's attention and MLP).",
+            help="Comma-separated layers to adapt, or all-linear (default: c_attn,c_proj,c_fc for GPT-2, "
+            "else what PEFT adapts for the architecture, else all-linear).",
             show_default=False,
         ),
     ] = None,
@@ -382,6 +383,7 @@ class _View:
             f"{p.mixed_precision}, {optimizer_words(p.lr, p.muon_lr)} with "
             f"{plural(p.warmup_steps, 'warm-up step')}"
             + (", gradient checkpointing" if p.gradient_checkpointing else "")
+            + (f"; LoRA on {p.lora_targets}" if p.lora_targets else "")
         )
         self.total = p.total_steps
         if self.live:

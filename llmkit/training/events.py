@@ -43,6 +43,8 @@ class Plan:
     padding: float = 0.0
     """Prompt/completion data: the fraction of block positions that are padding."""
     gradient_checkpointing: bool = False
+    lora_targets: str | None = None
+    """With --lora: the layers adapted, and why those when --lora-targets didn't name them."""
 
 
 @dataclass

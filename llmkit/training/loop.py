@@ -141,7 +141,7 @@ class Trainer:
         from llmkit.models import context_length
 
         cfg = self.cfg
-        model, self.tokenizer, self.base_dropout = build_model(cfg)
+        model, self.tokenizer, self.base_dropout, self.lora_targets = build_model(cfg)
         context = context_length(model.config)
         block_size = cfg.block_size or min(context, 1024)
         if block_size > context:
@@ -272,6 +272,7 @@ class Trainer:
             gradient_checkpointing=bool(self.cfg.gradient_checkpointing),
             val_documents=stats.get("val_records", stats.get("val_documents")),
             val_tokens=stats.get("val_tokens"),
+            lora_targets=self.lora_targets,
         )
 
     def _finish(self, metrics: rundir.MetricsLog | None, main: bool) -> Iterator[Event]:

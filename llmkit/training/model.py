@@ -16,9 +16,9 @@ if TYPE_CHECKING:
 DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
 
 
-def build_model(cfg: TrainConfig) -> tuple[Any, Any, float | None]:
-    """(model, tokenizer, the base config's dropout): pretrained weights (with LoRA adapters to train),
-    or a fresh model."""
+def build_model(cfg: TrainConfig) -> tuple[Any, Any, float | None, str | None]:
+    """(model, tokenizer, the base config's dropout, with --lora the layers adapted and why): pretrained
+    weights (with LoRA adapters to train), or a fresh model."""
     from llmkit.models import load_weights, resolve
 
     # gpt2's architecture is transformers' GPT2Config default: training it from scratch with a tokenizer
@@ -40,15 +40,18 @@ def build_model(cfg: TrainConfig) -> tuple[Any, Any, float | None]:
     dropout = {} if cfg.dropout is None else dict.fromkeys(DROPOUT_KEYS, cfg.dropout)
     base_dropout = _config_dropout(source)
     if cfg.from_scratch:
-        return _fresh_model(cfg, source, tokenizer, dropout), tokenizer, base_dropout
+        return _fresh_model(cfg, source, tokenizer, dropout), tokenizer, base_dropout, None
     assert source is not None
     # An adapter given as the base arrives merged into its own base: a model like any other.
     model = load_weights(source, cfg.model, dtype="float32", allow_pickle=cfg.allow_pickle, **dropout)
-    if cfg.lora:
-        from llmkit import lora
+    if not cfg.lora:
+        return model, tokenizer, base_dropout, None
+    from llmkit import lora
 
-        model = lora.wrap(model, cfg, base=source.reference)
-    return model, tokenizer, base_dropout
+    model, targets = lora.wrap(model, cfg, base=source.reference)
+    # The saved config (llmkit.json, checkpoints) says what ran, and a resume compares it as such.
+    cfg.lora_targets = targets.spec
+    return model, tokenizer, base_dropout, targets.describe()
 
 
 def _config_dropout(source: ModelSource | None) -> float | None:
