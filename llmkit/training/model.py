@@ -105,17 +105,9 @@ def _fresh_model(
         config = GPT2Config()
     else:
         config = AutoConfig.from_pretrained(source.model_dir, local_files_only=True)
-    overrides = {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd, **dropout}
-    for key, value in overrides.items():
-        if value is not None:
-            setattr(config, key, value)
-    if cfg.context is not None:
-        config.n_positions = cfg.context
-    if config.n_embd % config.n_head:
-        raise UsageError(
-            f"n_embd {config.n_embd} is not divisible by n_head {config.n_head}",
-            "pick --n-embd and --n-head so that heads split the width evenly",
-        )
+    for key, value in dropout.items():
+        setattr(config, key, value)
+    _reshape(config, cfg)
     config.vocab_size = len(tokenizer)
     config.bos_token_id = (
         tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -124,6 +116,65 @@ def _fresh_model(
     # float32 master weights whatever the base's config says (the built-in model's says bfloat16, and
     # transformers would build in it): bf16 speed comes from autocast, not from the parameters.
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+# --n-layer/--n-head/--n-embd/--context as transformers' standard config names, which every config that
+# has the field answers to (GPT-2's own names, n_layer and the rest, through its attribute_map).
+SHAPE_FIELDS = {
+    "--n-layer": "num_hidden_layers",
+    "--n-head": "num_attention_heads",
+    "--n-embd": "hidden_size",
+    "--context": "max_position_embeddings",
+}
+
+
+def _reshape(config: Any, cfg: TrainConfig) -> None:
+    """The from-scratch shape options set on `config` under its own field names, with the fields that
+    follow them kept consistent: grouped-query heads still dividing the heads, a derived head_dim, the
+    MLP's width in the same ratio to the model's, per-layer attention types for the new depth."""
+    import math
+
+    given = {
+        "--n-layer": cfg.n_layer,
+        "--n-head": cfg.n_head,
+        "--n-embd": cfg.n_embd,
+        "--context": cfg.context,
+    }
+    given = {option: value for option, value in given.items() if value is not None}
+    kind = getattr(config, "model_type", "this model")
+    for option in given:
+        if getattr(config, SHAPE_FIELDS[option], None) is None:
+            raise UsageError(
+                f"{option}: a {kind} config has no {SHAPE_FIELDS[option]} to set",
+                f"drop {option}, or set the shape in the directory's config.json",
+            )
+    heads, width = getattr(config, "num_attention_heads", None), getattr(config, "hidden_size", None)
+    derived_head_dim = heads and width and getattr(config, "head_dim", None) == width // heads
+    if "--n-layer" in given:
+        layers = given["--n-layer"]
+        pattern = getattr(config, "layer_types", None)
+        if isinstance(pattern, list) and pattern:
+            config.layer_types = [pattern[i % len(pattern)] for i in range(layers)]  # the pattern, repeated
+        config.num_hidden_layers = layers
+    if "--n-head" in given:
+        config.num_attention_heads = given["--n-head"]
+        if getattr(config, "num_key_value_heads", None):
+            config.num_key_value_heads = math.gcd(config.num_key_value_heads, given["--n-head"])
+    if "--n-embd" in given:
+        if width and getattr(config, "intermediate_size", None):
+            config.intermediate_size = round(config.intermediate_size * given["--n-embd"] / width)
+        config.hidden_size = given["--n-embd"]
+    if "--context" in given:
+        config.max_position_embeddings = given["--context"]
+    heads, width = getattr(config, "num_attention_heads", None), getattr(config, "hidden_size", None)
+    if heads and width and (derived_head_dim or getattr(config, "head_dim", None) is None) and width % heads:
+        names = ("n_embd", "n_head") if kind == "gpt2" else ("hidden_size", "num_attention_heads")
+        raise UsageError(
+            f"{names[0]} {width} is not divisible by {names[1]} {heads}",
+            "pick --n-embd and --n-head so that heads split the width evenly",
+        )
+    if derived_head_dim:
+        config.head_dim = width // heads
 
 
 def checkpointing(model: Any, enable: bool) -> None:
