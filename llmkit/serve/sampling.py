@@ -84,16 +84,13 @@ class Sampler:
         """Penalties, bias and min_tokens on one row [1, vocab] (float32) given the ids so far [1, n]."""
         p = self.params
         scores = self.processors(context, logits) if self.processors else logits
-        edits = p.presence_penalty or p.frequency_penalty or p.logit_bias or generated < p.min_tokens
+        edits = p.presence_penalty or p.frequency_penalty or self.edits(generated)
         if edits and scores is logits:
             scores = scores.clone()  # the row is a view of the whole batch's logits: edit a copy
         if p.presence_penalty or p.frequency_penalty:
             for token, count in self.counts.items():
                 scores[0, token] -= p.presence_penalty + p.frequency_penalty * count
-        if p.logit_bias:
-            scores[0].index_add_(0, self.bias_ids, self.bias_values)
-        if generated < p.min_tokens and self.eos_ids:
-            scores[0, self.eos_ids] = float("-inf")
+        self.edit(scores[0], generated)
         return scores
 
     def edit(self, row: torch.Tensor, generated: int) -> None:
@@ -126,22 +123,10 @@ class Sampler:
             token = int(scores[0].argmax())
         else:
             warped = self.warpers(context, scores) if self.warpers else scores
-            token = self.draw(softmax_rows(warped))[0]
+            token = draw_rows([self], softmax_rows(warped), [True])[0]
+            assert isinstance(token, int)
         self.count(token)
         return token
-
-    def draw(self, probs: torch.Tensor) -> list[int]:
-        """`torch.multinomial(probs[0], 1, generator)`, the way torch computes it for one sample.
-
-        torch draws q ~ Exp(1) for every token from the generator and takes argmax(p / q) (the Gumbel
-        trick, ATen's fast path for one sample); done here so a batch of rows shares the division and
-        the argmax while each row still draws from its own generator: the same token for the same
-        seed, alone or in any batch.
-        """
-        import torch
-
-        q = torch.empty_like(probs[0]).exponential_(1, generator=self.generator)
-        return [int((probs[0] / q).argmax())]
 
     def count(self, token: int) -> None:
         self.counts[token] = self.counts.get(token, 0) + 1
@@ -167,7 +152,13 @@ _pool: Any = None
 
 
 def draw_rows(samplers: list[Sampler], probs: torch.Tensor, finite: list[bool]) -> list[int | Exception]:
-    """Sampler.draw for each row of probs [rows, vocab], with the division and argmax batched."""
+    """`torch.multinomial(probs[j], 1, generator)` for each row, the way torch computes one sample.
+
+    torch draws q ~ Exp(1) for every token from the generator and takes argmax(p / q) (the Gumbel
+    trick, ATen's fast path for one sample); done here so a batch of rows shares the division and
+    the argmax while each row still draws from its own generator: the same token for the same seed,
+    alone or in any batch.
+    """
     global _pool
     import torch
 
@@ -243,7 +234,7 @@ def pick_batch(
     for i in alone:
         sampler = samplers[i]
         try:
-            context = contexts[i]() if sampler.processors or sampler.warpers else None
+            context = contexts[i]() if sampler.processors else None  # warpers never read the ids
             results[i] = sampler.pick(sampler.adjust(logits[i : i + 1], context, generated[i]), context)
         except Exception as exc:
             results[i] = exc
