@@ -15,6 +15,7 @@ import typer
 
 from llmkit.cli import _output as out
 from llmkit.cli import generate as _generate
+from llmkit.cli._inputs import stdin_is_terminal
 from llmkit.cli._options import (
     AllowPickleOpt,
     DeviceOpt,
@@ -137,7 +138,7 @@ def chat(
         stop=[_generate._unescape(s) for s in stop or []],
         keep_stop=keep_stop,
     )
-    interactive = sys.stdin.isatty()
+    interactive = stdin_is_terminal()
     # Piped input is read before the model loads: an empty or broken conversation fails fast.
     messages = None if interactive else read_conversation(sys.stdin.read())
     if server:
