@@ -275,22 +275,6 @@ def test_ollama_modelfile_and_chat_template(tiny_model: Path, tmp_path: Path, cl
     assert sorted(p.name for p in out.parent.iterdir()) == ["Modelfile", "chat.gguf"]
 
 
-def test_refuses_other_architectures(tiny_model: Path, tmp_path: Path, cli) -> None:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    model = tmp_path / "llama"
-    config = LlamaConfig(
-        vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
-    )
-    LlamaForCausalLM(config).save_pretrained(model)
-    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(model)
-    out = tmp_path / "llama.gguf"
-    result = cli("export", model, "-o", out)
-    assert result.exit_code == 1
-    assert "is a llama model: llmkit export writes gpt2 models only" in result.stderr
-    assert not out.exists()
-
-
 def test_failed_write_leaves_no_file(tiny_model: Path, tmp_path: Path, cli, monkeypatch) -> None:
     """A partial file never has the final name, and doesn't linger under its temporary one."""
     import gguf

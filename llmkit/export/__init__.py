@@ -1,13 +1,14 @@
 """`llmkit export`: a model as one GGUF file for llama.cpp, ollama, LM Studio and node-llama-cpp.
 
 Shaped like llama.cpp's own converter (`convert_hf_to_gguf.py`): one module per model family with its
-metadata and tensor names (`gpt2.py`), the tokenizer as GGUF metadata (`tokenizer.py`), and the file
-written with the `gguf` package, the format's own library (`writer.py`). Reading a GGUF back as a
-model llmkit runs is `reading.py`.
+metadata and tensor names (`gpt2.py`, `llama.py` for Llama and Mistral, `qwen2.py`), the tokenizer as
+GGUF metadata (`tokenizer.py`), and the file written with the `gguf` package, the format's own library
+(`writer.py`). Reading a GGUF back as a model llmkit runs is `reading.py`.
 """
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,19 +19,19 @@ from llmkit.export.writer import TYPES, Written
 
 __all__ = ["FAMILIES", "TYPES", "Written", "export"]
 
-FAMILIES = ("gpt2",)
-"""model_type values with a module here (llama and qwen2 follow once llmkit runs them)."""
+# transformers' model_type -> the module here that writes it (Mistral is llama.cpp's `llama`).
+MODULES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+FAMILIES = tuple(MODULES)
+"""model_type values llmkit export writes."""
 
 
 def family(model_type: str | None, label: str) -> ModuleType:
-    if model_type == "gpt2":
-        from llmkit.export import gpt2
-
-        return gpt2
+    if model_type in MODULES:
+        return importlib.import_module(f"llmkit.export.{MODULES[model_type]}")
     raise ModelError(
         f"{label} is a {model_type or 'unknown'} model: llmkit export writes "
         f"{', '.join(FAMILIES)} models only",
-        "export a GPT-2-family model (gpt2, distilgpt2, the built-in tiny-shakespeare, fine-tunes of them)",
+        "export a GPT-2, Llama, Mistral or Qwen2 model (the built-in tiny-shakespeare is a GPT-2)",
     )
 
 
@@ -82,7 +83,9 @@ def export(
     written.size = write_atomic(writer, out)
     if ollama:
         eos = tokenizer.eos_token if isinstance(tokenizer.eos_token, str) else None
-        text = modelfile(out, context=config.n_positions, eos=eos, chat_template=vocab.chat_template)
+        text = modelfile(
+            out, context=module.context_length(config), eos=eos, chat_template=vocab.chat_template
+        )
         write_text_atomic(text, out.parent / "Modelfile")
     return written, time.perf_counter() - start
 

@@ -52,9 +52,13 @@ def feed_forward_length(config: Any) -> int:
     return config.n_inner or 4 * config.n_embd
 
 
+def context_length(config: Any) -> int:
+    return config.n_positions
+
+
 def add_metadata(writer: gguf.GGUFWriter, config: Any) -> None:
     writer.add_block_count(config.n_layer)
-    writer.add_context_length(config.n_positions)
+    writer.add_context_length(context_length(config))
     writer.add_embedding_length(config.n_embd)
     writer.add_feed_forward_length(feed_forward_length(config))
     writer.add_head_count(config.n_head)

@@ -3,7 +3,10 @@
 The loaded transformers tokenizer is the source of truth (whatever files it came from): its vocabulary
 in byte-level form (`Ġthe`), a token type per id, its merges, its special tokens. llama.cpp's `gpt2`
 tokenizer with the `gpt-2` pre-tokenizer splits text with GPT-2's own regex, which is what a ByteLevel
-pre-tokenizer with `use_regex` does: llmkit's own trained tokenizers are of that kind.
+pre-tokenizer with `use_regex` does: llmkit's own trained tokenizers are of that kind. transformers
+loads a Qwen2 model's tokenizer as Qwen2's own class, whichever files it came from: a Split on Qwen2's
+regex, then ByteLevel without GPT-2's. That is llama.cpp's `qwen2` pre-tokenizer, the one its
+converter picks for Qwen2's tokenizers.
 """
 
 from __future__ import annotations
@@ -28,6 +31,15 @@ class Vocab:
     """bos, eos, unk, pad: whichever the tokenizer has."""
     add_bos: bool
     chat_template: str | None
+    pre: str = "gpt-2"
+    """llama.cpp's pre-tokenizer: `gpt-2` or `qwen2`."""
+
+
+# Qwen2's split regex (transformers' Qwen2Tokenizer), llama.cpp's `qwen2` pre-tokenizer.
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 def gpt2_vocab(tokenizer: PreTrainedTokenizerBase, n_vocab: int, label: str) -> Vocab:
@@ -35,7 +47,7 @@ def gpt2_vocab(tokenizer: PreTrainedTokenizerBase, n_vocab: int, label: str) -> 
     from gguf import TokenType
 
     backend = json.loads(tokenizer.backend_tokenizer.to_str()) if tokenizer.is_fast else {}
-    _check_byte_level(backend, label)
+    pre = _pre_tokenizer(backend, label)
     vocab = tokenizer.get_vocab()
     if vocab and max(vocab.values()) >= n_vocab:
         raise ModelError(
@@ -68,22 +80,36 @@ def gpt2_vocab(tokenizer: PreTrainedTokenizerBase, n_vocab: int, label: str) -> 
         special_ids=special,
         add_bos=_adds_bos(tokenizer),
         chat_template=getattr(tokenizer, "chat_template", None) or None,
+        pre=pre,
     )
 
 
-def _check_byte_level(backend: dict[str, Any], label: str) -> None:
-    """GPT-2's pre-tokenizer (byte-level, with its regex) and a BPE model, or a clear refusal."""
+def _pre_tokenizer(backend: dict[str, Any], label: str) -> str:
+    """`gpt-2` for GPT-2's pre-tokenizer (byte-level, with its regex), `qwen2` for Qwen2's, both on a
+    BPE model; else a clear refusal."""
     model = backend.get("model", {}).get("type")
     pre = backend.get("pre_tokenizer") or {}
     parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    byte_level = [p for p in parts if p.get("type") == "ByteLevel"]
-    if model != "BPE" or len(parts) != 1 or not byte_level or not byte_level[0].get("use_regex", True):
-        kinds = "+".join(str(p.get("type")) for p in parts) or "none"
-        raise ModelError(
-            f"{label}: its tokenizer is not GPT-2's byte-level BPE (model {model}, pre-tokenizer {kinds})",
-            "llmkit export writes llama.cpp's gpt2 tokenizer; tokenizers from llmkit train-tokenizer "
-            "and GPT-2's own are of that kind",
-        )
+    types = [p.get("type") for p in parts]
+    if model == "BPE" and types == ["ByteLevel"] and parts[0].get("use_regex", True):
+        return "gpt-2"
+    qwen2_split = (
+        parts[0].get("pattern", {}).get("Regex") == QWEN2_SPLIT and parts[0].get("behavior") == "Isolated"
+    )
+    if (
+        model == "BPE"
+        and types == ["Split", "ByteLevel"]
+        and qwen2_split
+        and not parts[1].get("use_regex", True)
+    ):
+        return "qwen2"
+    kinds = "+".join(str(t) for t in types) or "none"
+    raise ModelError(
+        f"{label}: its tokenizer is not GPT-2's or Qwen2's byte-level BPE "
+        f"(model {model}, pre-tokenizer {kinds})",
+        "llmkit export writes llama.cpp's gpt2 tokenizer; tokenizers from llmkit train-tokenizer "
+        "and GPT-2's and Qwen2's own are of that kind",
+    )
 
 
 def _merges(backend: dict[str, Any]) -> list[str]:
@@ -103,7 +129,7 @@ def _adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
 
 def add_to(writer: gguf.GGUFWriter, vocab: Vocab) -> None:
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
+    writer.add_tokenizer_pre(vocab.pre)
     writer.add_token_list(vocab.tokens)
     writer.add_token_types(vocab.token_types)
     writer.add_token_merges(vocab.merges)
