@@ -9,7 +9,10 @@ import typer
 ModelOpt = Annotated[
     str,
     typer.Option(
-        "--model", "-m", envvar="LLMKIT_MODEL", help="Local model directory, built-in model name, or hub id."
+        "--model",
+        "-m",
+        envvar="LLMKIT_MODEL",
+        help="Local model directory, built-in model name, hub id, or .gguf file.",
     ),
 ]
 DeviceOpt = Annotated[
