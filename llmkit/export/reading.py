@@ -19,7 +19,7 @@ from typing import Any
 
 from llmkit.errors import ModelError
 
-GGUF_HINT = "llmkit reads GGUF files of the architectures transformers can load (gpt2, llama, qwen2 among them)"
+GGUF_HINT = "llmkit reads GGUF files of the architectures transformers loads (gpt2, llama, qwen2 among them)"
 
 
 def cache_root() -> Path:
