@@ -85,8 +85,9 @@ def test_gguf_as_model_round_trip(
     assert tokens[0] == tokens[1]
 
 
-def test_tied_embeddings_leave_output_out(tmp_path: Path) -> None:
-    """As llama.cpp's converter writes a tied Llama: no output.weight, llama.cpp uses token_embd."""
+def test_tied_embeddings_leave_output_out(tmp_path: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As llama.cpp's converter writes a tied Llama: no output.weight, llama.cpp uses token_embd, and
+    transformers ties it again on reading."""
     from transformers import AutoModelForCausalLM
 
     model = build_tiny_family(tmp_path / "tied", "llama")
@@ -101,6 +102,29 @@ def test_tied_embeddings_leave_output_out(tmp_path: Path) -> None:
     prompt = tokenizer(PROMPT)["input_ids"]
     got = torch.tensor(probe(gguf, next=prompt)["next"])
     assert (got - _logprobs(hf, prompt)[-1]).abs().max().item() < 1e-3
+    monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "valid.txt"
+    text.write_text("The cat sees the moon. A dog follows the sea.\n")
+    scores = [
+        cli("perplexity", "-m", m, text, "--dtype", "float32", "--format", "json") for m in (model, gguf)
+    ]
+    assert scores[0].exit_code == 0 and scores[0].stdout == scores[1].stdout, scores[1].output
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_q8_0_near_f32(exported: dict[str, tuple[Path, Path]], family: str, tmp_path: Path) -> None:
+    from gguf import GGUFReader
+
+    model, _ = exported[family]
+    gguf = _export(model, tmp_path / "q8.gguf", "q8_0")
+    types = {t.name: t.tensor_type.name for t in GGUFReader(gguf).tensors}
+    assert types["blk.0.attn_q.weight"] == types["blk.0.attn_k.weight"] == types["output.weight"] == "Q8_0"
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    assert types.get("blk.0.attn_q.bias", "F32") == "F32"
+    hf, tokenizer = _hf(model)
+    prompt = tokenizer(PROMPT)["input_ids"]
+    diff = (torch.tensor(probe(gguf, next=prompt)["next"]) - _logprobs(hf, prompt)[-1]).abs().max().item()
+    assert 1e-5 < diff < 0.05  # quantized for real; measured: 0.0066 for both
 
 
 def test_refuses_other_architectures(tmp_path: Path, cli) -> None:

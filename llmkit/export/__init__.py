@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from llmkit.errors import ModelError, UsageError
 from llmkit.export.writer import TYPES, Written
@@ -78,7 +79,10 @@ def export(
     vocab_io.add_to(writer, vocab)
 
     written = Written(path=out, type=type, size=0)
-    total = sum(1 for name in weights.state_dict() if not name.endswith(module.NOT_WEIGHTS))
+    state = weights.state_dict()
+    total = sum(1 for name in state if not name.endswith(module.NOT_WEIGHTS))
+    if not getattr(module, "WRITES_TIED_OUTPUT", True) and _tied(weights):
+        total -= 1  # the output matrix is left out
     add_tensors(writer, module.tensors(weights), type, total, written, progress)
     written.size = write_atomic(writer, out)
     if ollama:
@@ -88,6 +92,11 @@ def export(
         )
         write_text_atomic(text, out.parent / "Modelfile")
     return written, time.perf_counter() - start
+
+
+def _tied(model: Any) -> bool:
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and head.weight is embeddings.weight
 
 
 def _display_name(model: str, path: Path) -> str:

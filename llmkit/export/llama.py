@@ -29,6 +29,7 @@ MODEL_ARCH = gguf.MODEL_ARCH.LLAMA
 ARCH = gguf.MODEL_ARCH_NAMES[MODEL_ARCH]
 NOT_WEIGHTS = (".rotary_emb.inv_freq",)
 PERMUTED = True
+WRITES_TIED_OUTPUT = False
 
 
 def check(config: Any, label: str, arch: str = ARCH) -> None:

@@ -11,13 +11,13 @@ import gguf
 
 from llmkit.errors import ModelError
 from llmkit.export import llama
-from llmkit.export.llama import NOT_WEIGHTS, add_metadata, context_length
+from llmkit.export.llama import NOT_WEIGHTS, WRITES_TIED_OUTPUT, add_metadata, context_length
 
 if TYPE_CHECKING:
     import numpy as np
     from transformers import PreTrainedModel
 
-__all__ = ["ARCH", "NOT_WEIGHTS", "add_metadata", "check", "context_length", "tensors"]
+__all__ = ["ARCH", "NOT_WEIGHTS", "WRITES_TIED_OUTPUT", "add_metadata", "check", "context_length", "tensors"]
 
 MODEL_ARCH = gguf.MODEL_ARCH.QWEN2
 ARCH = gguf.MODEL_ARCH_NAMES[MODEL_ARCH]
