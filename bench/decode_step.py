@@ -114,6 +114,7 @@ def generate_steps() -> dict[str, Callable[[], Any]]:
         "llmkit generate float32": LoadConfig(model=path, dtype="float32"),
         "llmkit generate defaults": LoadConfig(model=path),
         "llmkit generate --quantize int8": LoadConfig(model=path, quantize="int8"),
+        "llmkit generate --quantize int4": LoadConfig(model=path, quantize="int4"),
     }.items():
         gen = Generator(load(load_cfg), cfg)
         # Per token: the run's time over its tokens (the 2-token prompt's forward is noise here).

@@ -144,6 +144,7 @@ def llmkit_contenders(model: Path) -> dict[str, Any]:
         "float32": LoadConfig(model=str(model), dtype="float32"),
         "defaults": LoadConfig(model=str(model)),
         "--quantize int8": LoadConfig(model=str(model), quantize="int8"),
+        "--quantize int4": LoadConfig(model=str(model), quantize="int4"),
     }
     decode = GenerateConfig(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, greedy=True)
     first = GenerateConfig(max_new_tokens=1, min_new_tokens=1, greedy=True)

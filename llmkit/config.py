@@ -57,7 +57,7 @@ class LoadConfig:
     allow_pickle: bool = False
     """Allow loading pickle (`.bin`) weights, which can run code when loaded."""
     quantize: str | None = None
-    """int8: int8 weights for CPU inference (faster decoding, slightly higher perplexity)."""
+    """int8 / int4: int8 or 4-bit weights for CPU inference (faster decoding, higher perplexity)."""
 
     def __post_init__(self) -> None:
         check_device(self.device)
@@ -66,16 +66,20 @@ class LoadConfig:
             f"unknown dtype {self.dtype!r}",
             "use auto, float32, bfloat16 or float16",
         )
-        _check(self.quantize in (None, "int8"), f"unknown --quantize {self.quantize!r}", "use int8")
+        _check(
+            self.quantize in (None, "int8", "int4"),
+            f"unknown --quantize {self.quantize!r}",
+            "use int8 or int4",
+        )
         if self.quantize is not None:
             _check(
                 self.device in ("auto", "cpu"),
-                "--quantize int8 is for the CPU",
+                f"--quantize {self.quantize} is for the CPU",
                 "on a GPU use --dtype bfloat16 instead",
             )
             _check(
                 self.dtype in ("auto", "float32"),
-                "--quantize int8 starts from float32 weights",
+                f"--quantize {self.quantize} starts from float32 weights",
                 "use --dtype float32 or auto",
             )
 

@@ -341,6 +341,10 @@ def load(cfg: LoadConfig) -> LoadedModel:
         from llmkit.quantize import int8_dynamic
 
         model = int8_dynamic(model)
+    elif cfg.quantize == "int4":
+        from llmkit.quantize import int4_weight_only
+
+        model, _kept = int4_weight_only(model)
     return LoadedModel(model, tokenizer, device, dtype, source, why)
 
 

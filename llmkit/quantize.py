@@ -1,4 +1,5 @@
-"""Int8 weights for CPU inference: torch's dynamic quantization (fbgemm, VNNI where the CPU has it).
+"""Int8 and int4 weights for CPU inference. int8: torch's dynamic quantization (fbgemm, VNNI where
+the CPU has it); int4: weight-only, groups of 32, torch's CPU int4 kernel.
 
 Decoding one sequence reads every weight once per token, so on a CPU tokens/s is bound by memory
 bandwidth; int8 weights read a quarter of float32's bytes. Activations are quantized on the fly,
@@ -46,3 +47,71 @@ def int8_dynamic(model: Any) -> Any:
         # torch.ao's quantization APIs announce their move to torchao on every call.
         warnings.simplefilter("ignore")
         return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+
+
+# Groups of 32 input weights share a scale and an offset (llama.cpp's q4_0 uses blocks of 32 too).
+INT4_GROUP = 32
+
+
+def _int4_linear(linear: Any, group: int) -> Any:
+    import torch
+    from torch import nn
+
+    class Int4Linear(nn.Module):
+        """y = x·Wᵀ + b with W in 4 bits, per group: w = (q - 8)·scale + zero (torch's CPU kernel).
+
+        The kernel is fast only with bf16 inputs, so the input is cast at the product and the output
+        cast back: norms, attention and the residual stream stay float32.
+        """
+
+        def __init__(self, packed: Any, scales_zeros: Any, bias: Any, in_features: int, out_features: int):
+            super().__init__()
+            self.register_buffer("packed", packed)
+            self.register_buffer("scales_zeros", scales_zeros)
+            self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+            self.in_features, self.out_features = in_features, out_features
+
+        def forward(self, x: Any) -> Any:
+            flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+            y = torch._weight_int4pack_mm_for_cpu(flat, self.packed, group, self.scales_zeros)
+            y = y[:, : self.out_features].to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
+
+        def extra_repr(self) -> str:
+            return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {group}"
+
+    w = linear.weight.detach().float()
+    out_features, in_features = w.shape
+    w = torch.nn.functional.pad(w, (0, 0, 0, -out_features % 16))  # the kernel packs 16 rows at a time
+    groups = w.reshape(w.shape[0], in_features // group, group)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    scale = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
+    q = torch.clamp(torch.round((groups - low) / scale), 0, 15).to(torch.int32).reshape(w.shape)
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+    zero = low + 8 * scale
+    scales_zeros = torch.stack([scale.squeeze(-1).t(), zero.squeeze(-1).t()], -1).to(torch.bfloat16)
+    bias = None if linear.bias is None else linear.bias.detach().float()
+    return Int4Linear(packed, scales_zeros.contiguous(), bias, in_features, out_features)
+
+
+def int4_weight_only(model: Any, group: int = INT4_GROUP) -> tuple[Any, list[str]]:
+    """The float32 model with every Linear layer whose inputs split into groups (the LM head too) in
+    4 bits; returns it and the names of the layers kept in float32."""
+    import torch
+    from torch import nn
+
+    if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+        raise LlmkitError(
+            f"--quantize int4 needs torch's CPU int4 kernel, which torch {torch.__version__} lacks",
+            "drop --quantize or use --quantize int8",
+        )
+    _conv1d_to_linear(model)
+    kept = []
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                if child.in_features % group:
+                    kept.append(f"{parent_name}.{name}".lstrip("."))
+                    continue
+                setattr(parent, name, _int4_linear(child, group))
+    return model, kept

@@ -1,4 +1,4 @@
-"""`--quantize int8`: int8 weights on the CPU for generate and perplexity."""
+"""`--quantize int8|int4`: int8 or 4-bit weights on the CPU for generate and perplexity."""
 
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ def test_int8_generates(cli, tiny_model: Path) -> None:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--quantize", "int4"], "unknown --quantize"),
+        (["--quantize", "int2"], "unknown --quantize"),
+        (["--quantize", "int4", "--dtype", "bfloat16"], "starts from float32"),
         (["--quantize", "int8", "--dtype", "bfloat16"], "starts from float32"),
         (["--quantize", "int8", "--device", "cuda"], "for the CPU"),
     ],
@@ -58,3 +59,62 @@ def test_int8_misuse_is_a_usage_error(cli, tiny_model: Path, extra: list[str], m
     result = cli("generate", "-m", tiny_model, "x", *extra)
     assert result.exit_code == 2
     assert message in result.stderr
+
+
+def test_int4_product_is_the_dequantized_weights_product() -> None:
+    """The packed layer computes x·Wᵀ + b with W rounded to 4 bits per group of 32: against the
+    dequantized weights in float32 (bf16 inputs: within bf16's rounding), rows not a multiple of 16."""
+    import torch
+
+    from llmkit.quantize import INT4_GROUP, _int4_linear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 40)
+    layer = _int4_linear(linear, INT4_GROUP)
+    w = linear.weight.detach().reshape(40, 3, INT4_GROUP)
+    low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    scale = (high - low) / 15
+    dequantized = (torch.round((w - low) / scale) * scale + low).reshape(40, 96)
+    x = torch.randn(2, 5, 96)
+    want = x @ dequantized.t() + linear.bias.detach()
+    got = layer(x)
+    assert got.shape == (2, 5, 40) and got.dtype == torch.float32
+    assert (got - want).abs().max() < 0.02 * want.abs().max()
+    # Rounding to 4 bits is a real change: the float32 layer gives something else.
+    assert (linear(x) - want).abs().max() > 1e-3
+
+
+def test_int4_model_quantizes_every_linear_layer(tiny_model: Path) -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    from llmkit.config import LoadConfig
+    from llmkit.models import load
+
+    model = load(LoadConfig(model=str(tiny_model), quantize="int4")).model
+    int4 = [m for m in model.modules() if type(m).__name__ == "Int4Linear"]
+    assert len(int4) == 4 * model.config.n_layer + 1
+    assert not any(isinstance(m, Conv1D | nn.Linear) for m in model.modules())
+
+
+def test_int4_perplexity_stays_close_to_float32(cli, tiny_model: Path, tmp_path: Path) -> None:
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(sentences(40, seed=3)))
+    runs = {}
+    for name, extra in (("fp32", ["--dtype", "float32"]), ("int4", ["--quantize", "int4"])):
+        result = cli("perplexity", "-m", tiny_model, text, "-f", "json", *extra)
+        assert result.exit_code == 0, result.stderr
+        runs[name] = json.loads(result.stdout)
+    assert runs["int4"]["tokens"] == runs["fp32"]["tokens"]
+    assert runs["int4"]["nll"] != runs["fp32"]["nll"]
+    assert abs(runs["int4"]["nll"] - runs["fp32"]["nll"]) < 0.05 * runs["fp32"]["nll"]
+
+
+def test_int4_generates_and_streams_the_same_text(cli, tiny_model: Path) -> None:
+    args = ("generate", "-m", tiny_model, "The king", "-n", "6", "--greedy", "--quantize", "int4")
+    result = cli(*args, "-f", "jsonl")
+    assert result.exit_code == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["completion_tokens"] == 6
+    streamed = cli(*args, "--stream")
+    assert streamed.exit_code == 0, streamed.stderr
+    assert streamed.stdout == record["completion"] + "\n"

@@ -21,9 +21,14 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
         where = base.name if base.name == str(base.model_dir) else f"{base.name} ({base.model_dir})"
         adapter = f", a LoRA adapter merged into {where}"
     precision = f"{str(lm.dtype).removeprefix('torch.')} ({lm.dtype_reason})"
-    if cfg.quantize:
+    if cfg.quantize == "int8":
         # Loaded in float32, then every linear layer became int8: say what runs, not what loaded.
         precision = "int8 weights in every linear layer (--quantize int8), float32 embeddings and norms"
+    elif cfg.quantize == "int4":
+        precision = (
+            "4-bit weights in groups of 32 in every linear layer (--quantize int4; bf16 inputs to the "
+            "products), float32 embeddings, norms and attention"
+        )
     out.detail(
         f"model {lm.source.name} ({lm.source.origin}: {lm.source.path}{adapter}) on {lm.device}, {precision}"
     )

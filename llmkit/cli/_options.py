@@ -30,7 +30,8 @@ QuantizeOpt = Annotated[
     str | None,
     typer.Option(
         "--quantize",
-        help="int8: int8 weights on the CPU (faster decoding, slightly higher perplexity).",
+        help="int8 or int4: int8 (fbgemm) or 4-bit (groups of 32) weights on the CPU — faster decoding, "
+        "slightly higher perplexity (int4 more so).",
         show_default=False,
     ),
 ]
