@@ -9,6 +9,10 @@ llama.cpp too, so it is written unpermuted.
 
 With tied embeddings `output.weight` is left out, as the converter does: llama.cpp's llama and qwen2
 loaders have always fallen back to `token_embd.weight` for it (unlike its gpt2 loader, see gpt2.py).
+
+Mistral's `sliding_window` is not written, as the converter doesn't: llama.cpp's llama graph attends
+to the whole context, the same as transformers up to the window (4096 for Mistral 7B v0.1; later
+releases have none).
 """
 
 from __future__ import annotations
