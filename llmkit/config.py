@@ -235,6 +235,9 @@ class TrainConfig:
     selects that mode; None with both unset: the mode is detected from the first JSONL record."""
     completion_field: str | None = None
     """Prompt/completion records: the JSONL field with the completion, the only part learnt."""
+    messages_field: str | None = None
+    """Conversation records: the JSONL field with the messages list, rendered through the chat template
+    and learnt on the assistant turns. None: detected from the first record ("messages")."""
     long_records: str = "error"
     """A prompt/completion record longer than a block: error (refuse the data) or skip it."""
     glob: str | None = None

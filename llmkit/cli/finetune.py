@@ -90,11 +90,22 @@ def finetune(
             show_default=False,
         ),
     ] = None,
+    messages_field: Annotated[
+        str | None,
+        typer.Option(
+            "--messages-field",
+            help="Train on JSONL conversation records, the assistant turns only: the field with the "
+            "[{role, content}] list, rendered through the model's chat template (default messages; "
+            "records with a messages list and no --text-field are detected).",
+            show_default=False,
+        ),
+    ] = None,
     long_records: Annotated[
         str,
         typer.Option(
             "--long-records",
-            help="A prompt/completion record longer than --block-size: error, or skip it (counted).",
+            help="A prompt/completion or conversation record longer than --block-size: error, or skip it "
+            "(counted).",
         ),
     ] = "error",
     glob: GlobOpt = None,
@@ -457,7 +468,8 @@ def data_line(p: Any) -> str:
     unit, padding = "document", ""
     count = p.documents
     if p.records is not None:
-        unit, padding, count = "prompt/completion record", f" ({p.padding:.1%} padding)", p.records
+        unit = "conversation record" if p.conversations else "prompt/completion record"
+        padding, count = f" ({p.padding:.1%} padding)", p.records
     head = f"data: {plural(count, unit)}, {plural(p.tokens, 'token')}{cache} → "
     if p.val_documents is None:
         return (

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from llmkit.data.cache import ProgressFn, TokenData, _tokenize_all
 from llmkit.data.packing import LONG_RECORDS, Packing, RecordBlocks, packed
+from llmkit.data.records import messages_field as _messages_field
 from llmkit.data.records import pair_fields
 from llmkit.data.sources import _check_options, _resolve
 from llmkit.errors import InputError, UsageError
@@ -175,6 +176,7 @@ def prepare(
     prompt_field: str | None = None,
     completion_field: str | None = None,
     long_records: str = "error",
+    messages_field: str | None = None,
 ) -> PreparedData:
     """Tokenize (or find in the cache) and pack the training data, and set validation blocks apart.
 
@@ -187,6 +189,10 @@ def prepare(
     given, or when the first JSONL record has "prompt" and "completion" and no `text_field`: then
     train and val are RecordBlocks, and a record longer than a block raises InputError, or with
     `long_records="skip"` is left out.
+
+    Conversation records (see `llmkit.data.conversations`) when `messages_field` is given, or when the
+    first JSONL record has a "messages" list and no `text_field`, prompt or completion: rendered
+    through the tokenizer's chat template and learnt on the assistant turns, packed the same way.
     """
     import numpy as np
 
@@ -195,7 +201,16 @@ def prepare(
     )
     if long_records not in LONG_RECORDS:
         raise UsageError(f"unknown --long-records {long_records!r}", "use error or skip")
-    pairs = pair_fields(_resolve(paths, glob), text_field, prompt_field, completion_field)
+    sources = _resolve(paths, glob)
+    if messages_field is not None and (prompt_field is not None or completion_field is not None):
+        raise UsageError(
+            "--messages-field and --prompt-field/--completion-field select different kinds of record",
+            "give one: conversations (messages) or prompt/completion records",
+        )
+    if messages_field is not None and not messages_field:
+        raise UsageError("the messages field must be a non-empty name")
+    messages = _messages_field(sources, text_field, prompt_field, completion_field, messages_field)
+    pairs = None if messages is not None else pair_fields(sources, text_field, prompt_field, completion_field)
     if pairs is not None and (not all(pairs) or pairs[0] == pairs[1]):
         raise UsageError("the prompt and completion fields must be two different, non-empty names")
     corpora = _tokenize_all(
@@ -210,10 +225,11 @@ def prepare(
         no_cache=no_cache,
         on_progress=on_progress,
         pairs=pairs,
+        messages_field=messages,
     )
     train_data = corpora[0]
     try:
-        if pairs is not None:
+        if pairs is not None or messages is not None:
             return _prepare_pairs(corpora, block_size, val_file, val_split, seed, long_records)
         if train_data.blocks(block_size) == 0:
             raise _too_small("the training data", train_data, block_size)
@@ -269,9 +285,12 @@ def _prepare_pairs(
         fingerprint_text = train_data.fingerprint
     blocks = sum(p.blocks for p in packings)
     assert train_data.fields is not None
+    if len(train_data.fields) == 1:
+        fields: dict[str, Any] = {"messages_field": train_data.fields[0]}
+    else:
+        fields = {"prompt_field": train_data.fields[0], "completion_field": train_data.fields[1]}
     summary = {
-        "prompt_field": train_data.fields[0],
-        "completion_field": train_data.fields[1],
+        **fields,
         "records": sum(len(p.members) for p in packings),
         "skipped_records": sum(p.skipped for p in packings),
         "learnt_tokens": int(sum(p.targets.sum() for p in packings)),

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from llmkit.data.conversations import Render, chat_template, conversation_items, renderer, template_digest
 from llmkit.data.encoder import _encoded, _tokenizer_spec, _TokenizerSpec
 from llmkit.data.records import _check_sources, _pair_items
 from llmkit.data.sources import STDIN, ReadStats, _check_options, _close, _items, _open, _resolve, _Source
@@ -64,8 +65,9 @@ class TokenData:
     """True when the ids came from the cache and nothing was tokenized."""
     temporary: bool = False
     """The file lives only for this run (no_cache); `close()` removes it."""
-    fields: tuple[str, str] | None = None
-    """Prompt/completion records: their (prompt, completion) fields; None for text documents."""
+    fields: tuple[str, ...] | None = None
+    """Prompt/completion records: their (prompt, completion) fields; conversation records: (messages
+    field,); None for text documents."""
     sources: list[str] = field(default_factory=list)
     """The inputs' labels, in order (record tables name them by index)."""
 
@@ -105,6 +107,8 @@ class _Plan:
     sizes: list[int]
     fingerprint: str
     pairs: tuple[str, str] | None = None
+    messages: str | None = None
+    """Conversation records: the messages field."""
 
     @property
     def bytes(self) -> int:
@@ -145,9 +149,10 @@ def _plan(
     spool_dir: Path,
     spooled: dict[str, Path],
     pairs: tuple[str, str] | None = None,
+    messages: tuple[str, str] | None = None,
 ) -> _Plan:
     sources = _resolve(paths, glob)
-    if pairs is not None:
+    if pairs is not None or messages is not None:
         sources = _check_sources(sources)
     for i, source in enumerate(sources):
         if source.path is None:  # stdin is read once, however often `-` is given
@@ -162,7 +167,9 @@ def _plan(
         **({"bos": spec.bos} if spec.bos is not None else {}),  # GPT-2's fingerprints stay as they were
         "dtype": spec.dtype,
         "errors": errors,
-        "text_field": text_field if any(s.jsonl for s in sources) and pairs is None else None,
+        "text_field": text_field
+        if any(s.jsonl for s in sources) and pairs is None and messages is None
+        else None,
         "inputs": [
             ["jsonl" if s.jsonl else "text", size, digest]
             for s, (size, digest) in zip(sources, hashed, strict=True)
@@ -170,8 +177,11 @@ def _plan(
     }
     if pairs is not None:  # only here, so that text fingerprints stay what they were
         key["pairs"] = list(pairs)
+    if messages is not None:  # the template decides both the ids and the mask
+        key["messages"] = [messages[0], template_digest(messages[1])]
     fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-    return _Plan(sources, [size for size, _ in hashed], fingerprint, pairs)
+    field = messages[0] if messages is not None else None
+    return _Plan(sources, [size for size, _ in hashed], fingerprint, pairs, field)
 
 
 def _load_cached(directory: Path, fingerprint: str) -> TokenData | None:
@@ -188,7 +198,7 @@ def _load_cached(directory: Path, fingerprint: str) -> TokenData | None:
             or meta["tokens"] <= 0
         ):
             return None
-        if meta.get("pairs") and (
+        if (meta.get("pairs") or meta.get("messages")) and (
             path.with_suffix(".mask").stat().st_size != meta["tokens"]
             or path.with_suffix(".rec").stat().st_size != meta["documents"] * 3 * 8
         ):
@@ -202,7 +212,7 @@ def _load_cached(directory: Path, fingerprint: str) -> TokenData | None:
             meta["invalid_bytes"],
             fingerprint,
             cache_hit=True,
-            fields=tuple(meta["pairs"]) if meta.get("pairs") else None,
+            fields=tuple(meta["pairs"]) if meta.get("pairs") else _messages_fields(meta.get("messages")),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -256,6 +266,33 @@ def _pair_jobs(
         yield prompts, completions, (stats.bytes, where)
 
 
+def _conversation_jobs(
+    plan: _Plan, errors: str, stats: ReadStats, render: Render
+) -> Iterator[tuple[list[str], list, tuple[int, list[tuple[int, int]]]]]:
+    """Batches of (rendered texts, assistant spans, (bytes done, [(input index, line)] per record))."""
+    assert plan.messages is not None
+    texts: list[str] = []
+    spans: list = []
+    where: list[tuple[int, int]] = []
+    chars = 0
+    for index, source in enumerate(plan.sources):
+        items = conversation_items(source, field=plan.messages, errors=errors, stats=stats, render=render)
+        for text, record, line in items:
+            texts.append(text)
+            spans.append(record)
+            where.append((index, line))
+            chars += len(text)
+            if chars >= BATCH_CHARS or len(texts) >= BATCH_ITEMS:
+                yield texts, spans, (stats.bytes, where)
+                texts, spans, where, chars = [], [], [], 0
+    if texts:
+        yield texts, spans, (stats.bytes, where)
+
+
+def _messages_fields(field: str | None) -> tuple[str, ...] | None:
+    return (field,) if field else None
+
+
 def _write_pairs(
     plan: _Plan,
     spec: _TokenizerSpec,
@@ -264,6 +301,7 @@ def _write_pairs(
     errors: str,
     num_proc: int,
     progress: Callable[[int], None],
+    render: Render | None = None,
 ) -> tuple[int, ReadStats, list[Path]]:
     """Tokenize `plan`'s records: ids into `out`; the mask and the record table into temporary files
     in `directory`. Returns (ids written, what reading found, [mask file, record table file])."""
@@ -274,9 +312,13 @@ def _write_pairs(
     files = [Path(name) for _, name in opened]
     try:
         with os.fdopen(opened[0][0], "wb") as mask_out, os.fdopen(opened[1][0], "wb") as table_out:
-            for (ids, mask, lengths), (done, where) in _encoded(
-                _pair_jobs(plan, errors, stats), spec, num_proc, pairs=True
-            ):
+            if plan.messages is not None:
+                assert render is not None
+                jobs = _conversation_jobs(plan, errors, stats, render)
+            else:
+                jobs = _pair_jobs(plan, errors, stats)
+            encoded = _encoded(jobs, spec, num_proc, pairs=True, conversations=plan.messages is not None)
+            for (ids, mask, lengths), (done, where) in encoded:
                 out.write(ids.tobytes())
                 mask_out.write(mask.tobytes())
                 table = np.column_stack([lengths, np.array(where, dtype=np.int64).reshape(-1, 2)])
@@ -302,6 +344,7 @@ def _write(
     errors: str,
     num_proc: int,
     progress: Callable[[int], None],
+    render: Render | None = None,
 ) -> TokenData:
     """Tokenize `plan` into `directory`/<fingerprint>.bin (+ .json), atomically."""
     stats, tokens = ReadStats(), 0
@@ -312,8 +355,10 @@ def _write(
     side: list[Path] = []  # prompt/completion data: the mask and record table, until renamed into place
     try:
         with os.fdopen(fd, "wb") as out:
-            if plan.pairs is not None:
-                tokens, stats, side = _write_pairs(plan, spec, out, directory, errors, num_proc, progress)
+            if plan.pairs is not None or plan.messages is not None:
+                tokens, stats, side = _write_pairs(
+                    plan, spec, out, directory, errors, num_proc, progress, render
+                )
             else:
                 for ids, done in _encoded(_jobs(plan, spec, text_field, errors, stats), spec, num_proc):
                     out.write(ids.tobytes())
@@ -341,6 +386,8 @@ def _write(
         }
         if plan.pairs is not None:
             meta["pairs"] = list(plan.pairs)
+        if plan.messages is not None:
+            meta["messages"] = plan.messages
         fd, tmp_name = tempfile.mkstemp(prefix=f"{plan.fingerprint}.", suffix=".tmp", dir=directory)
         tmp = Path(tmp_name)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -359,7 +406,7 @@ def _write(
         stats.invalid_bytes,
         plan.fingerprint,
         cache_hit=False,
-        fields=plan.pairs,
+        fields=plan.pairs or _messages_fields(plan.messages),
     )
 
 
@@ -401,8 +448,15 @@ class _Run:
         text_field: str,
         errors: str,
         pairs: tuple[str, str] | None = None,
+        messages_field: str | None = None,
     ) -> None:
         self.spec = _tokenizer_spec(tokenizer)
+        self.messages: tuple[str, str] | None = None
+        self.render: Render | None = None
+        if messages_field is not None:
+            template = chat_template(tokenizer)
+            self.messages = (messages_field, template)
+            self.render = renderer(tokenizer, template)
         self.directory, self.temporary = _work_dir(cache_dir, no_cache)
         self.on_progress = on_progress
         self.options = {"text_field": text_field, "errors": errors}
@@ -417,6 +471,7 @@ class _Run:
             spool_dir=self.directory,
             spooled=self.spooled,
             pairs=self.pairs,
+            messages=self.messages,
             **self.options,
         )
 
@@ -436,7 +491,13 @@ class _Run:
         for plan, hit in zip(plans, cached, strict=True):
             if hit is None:
                 hit = _write(
-                    plan, self.spec, self.directory, num_proc=num_proc, progress=progress, **self.options
+                    plan,
+                    self.spec,
+                    self.directory,
+                    num_proc=num_proc,
+                    progress=progress,
+                    render=self.render,
+                    **self.options,
                 )
                 done_before += plan.bytes
                 if self.temporary:  # the file lives as long as its TokenData, or until close()
@@ -466,10 +527,21 @@ def _tokenize_all(
     no_cache: bool,
     on_progress: ProgressFn | None,
     pairs: tuple[str, str] | None = None,
+    messages_field: str | None = None,
 ) -> list[TokenData]:
     """TokenData for `paths`, then for each path in `extra` (each its own corpus); with `pairs`
-    (prompt field, completion field) as prompt/completion records."""
-    run = _Run(tokenizer, cache_dir, no_cache, on_progress, text_field=text_field, errors=errors, pairs=pairs)
+    (prompt field, completion field) as prompt/completion records, with `messages_field` as
+    conversation records rendered through the tokenizer's chat template."""
+    run = _Run(
+        tokenizer,
+        cache_dir,
+        no_cache,
+        on_progress,
+        text_field=text_field,
+        errors=errors,
+        pairs=pairs,
+        messages_field=messages_field,
+    )
     ok = False
     try:
         plans = [run.plan(paths, glob)] + [run.plan([path], glob) for path in extra]

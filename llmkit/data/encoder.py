@@ -115,6 +115,29 @@ class _Encoder:
             lengths.append(len(self.lead) + len(prompt.ids) + len(completion.ids) + 1)
         return np.array(ids, dtype=self.dtype), np.array(mask, dtype=np.uint8), np.array(lengths, np.int64)
 
+    def conversations(self, texts: list[str], spans: list[list[tuple[int, int]]]) -> tuple[Any, Any, Any]:
+        """(ids, learn mask, record lengths) for rendered conversations: each text tokenized whole
+        (the template's own special tokens parsed as such), the mask 1 on the ids that start inside
+        one of its spans (assistant content and end-of-turn marker). The BOS goes first where the
+        tokenizer uses one, unless the template already put it there."""
+        import numpy as np
+
+        ids: list[int] = []
+        mask: list[int] = []
+        lengths: list[int] = []
+        # encode_batch, not encode_batch_fast: the fast one leaves the offsets out
+        for encoding, record in zip(
+            self.tokenizer.encode_batch(texts, add_special_tokens=False), spans, strict=True
+        ):
+            lead = self.lead if encoding.ids[:1] != self.lead else []
+            learn = [0] * len(encoding.ids)
+            for t, (start, _end) in enumerate(encoding.offsets):
+                learn[t] = int(any(a <= start < b for a, b in record))
+            ids += lead + encoding.ids
+            mask += [0] * len(lead) + learn
+            lengths.append(len(lead) + len(encoding.ids))
+        return np.array(ids, dtype=self.dtype), np.array(mask, dtype=np.uint8), np.array(lengths, np.int64)
+
 
 _worker: _Encoder | None = None
 
@@ -135,29 +158,40 @@ def _work_pairs(prompts: list[str], completions: list[str]) -> tuple[np.ndarray,
     return _worker.pairs(prompts, completions)
 
 
+def _work_conversations(texts: list[str], spans: list[list[tuple[int, int]]]) -> tuple[Any, Any, Any]:
+    assert _worker is not None
+    return _worker.conversations(texts, spans)
+
+
 def _encoded(
-    jobs: Iterator[tuple[list, list, Any]], spec: _TokenizerSpec, num_proc: int, pairs: bool = False
+    jobs: Iterator[tuple[list, list, Any]],
+    spec: _TokenizerSpec,
+    num_proc: int,
+    pairs: bool = False,
+    conversations: bool = False,
 ) -> Iterator[tuple[Any, Any]]:
     """(result, tag) per job, in job order, encoded here or by `num_proc` worker processes.
 
     A job is (texts, bounds, tag) and its result the ids (`_Encoder.__call__`); with `pairs`, a job is
-    (prompts, completions, tag) and its result (ids, mask, lengths) (`_Encoder.pairs`). The tag (bytes
+    (prompts, completions, tag) and its result (ids, mask, lengths) (`_Encoder.pairs`); with
+    `conversations`, (texts, spans, tag) and (ids, mask, lengths) (`_Encoder.conversations`). The tag (bytes
     done, say) comes back untouched.
     """
     args = (spec.json, spec.eos, spec.dtype, spec.bos)
     if num_proc == 1:
         encoder = _Encoder(*args)
-        call = encoder.pairs if pairs else encoder
+        call = encoder.conversations if conversations else encoder.pairs if pairs else encoder
         for first, second, done in jobs:
             yield call(first, second), done
         return
     import multiprocessing
 
     # spawn, not fork: the parent may hold torch or tokenizer threads that a fork would copy mid-flight.
+    work = _work_conversations if conversations else _work_pairs if pairs else _work
     with multiprocessing.get_context("spawn").Pool(num_proc, _init_worker, args) as pool:
         pending: deque[tuple[Any, int]] = deque()  # a bounded window: the corpus never queues up whole
         for first, second, done in jobs:
-            pending.append((pool.apply_async(_work_pairs if pairs else _work, (first, second)), done))
+            pending.append((pool.apply_async(work, (first, second)), done))
             if len(pending) >= 2 * num_proc:
                 result, at = pending.popleft()
                 yield result.get(), at

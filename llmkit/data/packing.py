@@ -93,10 +93,17 @@ def packed(data: TokenData, block_size: int, long_records: str) -> Packing:
         source, line = int(table[first, 1]), int(table[first, 2])
         label = data.sources[source] if source < len(data.sources) else f"input {source + 1}"
         more = f" (and {len(long) - 1:,} more)" if len(long) > 1 else ""
+        chat = data.fields is not None and len(data.fields) == 1
+        what = "the rendered conversation" if chat else "prompt + completion + EOS"
+        why = (
+            "an assistant turn must see the conversation before it"
+            if chat
+            else "a completion must see its whole prompt"
+        )
         raise InputError(
-            f"{label}:{line}: the record has {int(lengths[first]):,} tokens (prompt + completion + EOS), "
+            f"{label}:{line}: the record has {int(lengths[first]):,} tokens ({what}), "
             f"more than a block of {block_size}{more}",
-            "records are never split (a completion must see its whole prompt): raise --block-size (up "
+            f"records are never split ({why}): raise --block-size (up "
             "to the model's context), shorten the record, or pass --long-records skip to leave such "
             "records out",
         )

@@ -16,6 +16,7 @@ from llmkit.data.sources import ReadStats, _close, _json_lines, _open, _Source, 
 from llmkit.errors import InputError
 
 DEFAULT_FIELDS = ("prompt", "completion")
+MESSAGES = "messages"
 
 
 # -- Which mode: text or prompt/completion -----------------------------------------------------------
@@ -35,6 +36,33 @@ def pair_fields(
     record = _first_record(first) if first is not None else None
     if isinstance(record, dict) and all(f in record for f in DEFAULT_FIELDS) and text_field not in record:
         return DEFAULT_FIELDS
+    return None
+
+
+def messages_field(
+    sources: Sequence[_Source],
+    text_field: str,
+    prompt_field: str | None,
+    completion_field: str | None,
+    messages: str | None,
+) -> str | None:
+    """The messages field when the data is conversation records (conversations.py), else None.
+
+    Conversations when `messages` is given; else, with no prompt/completion field given, when the
+    first record of the first JSONL input has a "messages" list and no `text_field`, prompt or completion.
+    """
+    if messages is not None:
+        return messages
+    if prompt_field is not None or completion_field is not None:
+        return None
+    first = next((s for s in sources if s.jsonl and s.path is not None), None)
+    record = _first_record(first) if first is not None else None
+    if (
+        isinstance(record, dict)
+        and isinstance(record.get(MESSAGES), list)
+        and not any(f in record for f in (text_field, *DEFAULT_FIELDS))
+    ):
+        return MESSAGES
     return None
 
 
@@ -76,6 +104,11 @@ def _pair_items(
     try:
         for number, obj, line in _json_lines(raw, source.label, errors, stats, hint):
             where = f"{source.label}:{number}"
+            if prompt_field not in obj and MESSAGES in obj:
+                raise InputError(
+                    f'{where}: a conversation record ("{MESSAGES}") among prompt/completion records',
+                    "one run trains on one kind of record: split the files, or convert the records",
+                )
             prompt = _string_field(obj, prompt_field, where, line, errors, stats, hint)
             completion = _string_field(obj, completion_field, where, line, errors, stats, hint)
             if not prompt:

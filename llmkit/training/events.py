@@ -40,6 +40,8 @@ class Plan:
     """A --val-file's documents (records, for prompt/completion data) and tokens; None without one."""
     val_tokens: int | None = None
     skipped_records: int = 0
+    conversations: bool = False
+    """The records are conversations (messages), learnt on the assistant turns."""
     padding: float = 0.0
     """Prompt/completion data: the fraction of block positions that are padding."""
     gradient_checkpointing: bool = False

@@ -267,6 +267,7 @@ class Trainer:
             self.warmup,
             muon_lr=self.cfg.muon_lr if len(self.optimizers) > 1 else None,
             records=stats.get("records"),
+            conversations="messages_field" in stats,
             skipped_records=stats.get("skipped_records", 0),
             padding=stats.get("padding", 0.0),
             gradient_checkpointing=bool(self.cfg.gradient_checkpointing),
@@ -501,6 +502,7 @@ class Trainer:
             no_cache=cfg.no_cache,
             prompt_field=cfg.prompt_field,
             completion_field=cfg.completion_field,
+            messages_field=cfg.messages_field,
             long_records=cfg.long_records,
             on_progress=self.on_tokenize if main else None,
         )

@@ -1,0 +1,193 @@
+"""Conversation records (a `messages` list): rendered through the chat template, learnt on the
+assistant turns only (their content and end-of-turn marker), packed like prompt/completion records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import finetune_args, meta
+from transformers import AutoTokenizer
+
+from llmkit.data import prepare
+from llmkit.data.packing import IGNORE
+from llmkit.testing import build_tiny_family
+
+# Zephyr's shape (<|role|> headers, the EOS ending each turn), with the BOS the template puts first
+# as Llama 3's does.
+ZEPHYR = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+TALK = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "the cat sat"},
+    {"role": "assistant", "content": "on the mat"},
+    {"role": "user", "content": "and the dog?"},
+    {"role": "assistant", "content": "in the house"},
+]
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """No BOS, ChatML."""
+    return build_tiny_family(tmp_path_factory.mktemp("models") / "qwen2", "qwen2")
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A BOS before text, ChatML."""
+    return build_tiny_family(tmp_path_factory.mktemp("models") / "llama", "llama")
+
+
+def learnt(tokenizer, data) -> tuple[list[list[int]], list[str]]:
+    """(each block's ids without padding, each run of learnt ids decoded) over all training blocks."""
+    ids, labels, _ = data.train.arrays(range(len(data.train)))
+    rows, runs = [], []
+    for row_ids, row_labels in zip(ids, labels, strict=True):
+        keep = row_labels != IGNORE
+        assert (row_labels[keep] == row_ids[keep]).all()
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], keep.astype(int), [0]])))
+        runs += [
+            tokenizer.decode(row_ids[a:b].tolist()) for a, b in zip(edges[::2], edges[1::2], strict=True)
+        ]
+        rows.append(row_ids.tolist())
+    return rows, runs
+
+
+def prepared(tokenizer, path: Path, tmp_path: Path, **options):
+    options = {"block_size": 128, "val_split": 0.0, "no_cache": True, "cache_dir": tmp_path / "c", **options}
+    return prepare([str(path)], tokenizer, **options)
+
+
+def test_chatml_mask_is_each_assistant_turn_and_its_im_end(qwen: Path, tmp_path: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(qwen)
+    data = prepared(tokenizer, write_jsonl(tmp_path / "talk.jsonl", [{"messages": TALK}]), tmp_path)
+    assert data.pairs is not None and data.pairs["messages_field"] == "messages"
+    rows, runs = learnt(tokenizer, data)
+    assert runs == ["on the mat<|im_end|>", "in the house<|im_end|>"]
+    text = tokenizer.apply_chat_template(TALK, tokenize=False)
+    whole = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert rows[0][: len(whole)] == whole  # the template's text, tokenized once, no BOS added
+
+
+def test_zephyr_mask_ends_with_eos_and_the_template_bos_is_not_doubled(llama: Path, tmp_path: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(llama)
+    tokenizer.chat_template = ZEPHYR
+    data = prepared(tokenizer, write_jsonl(tmp_path / "talk.jsonl", [{"messages": TALK}]), tmp_path)
+    rows, runs = learnt(tokenizer, data)
+    eos = tokenizer.eos_token
+    assert runs == [f"on the mat{eos}", f"in the house{eos}"]
+    assert rows[0][0] == tokenizer.bos_token_id and rows[0][1] != tokenizer.bos_token_id
+
+
+def test_bos_added_where_the_tokenizer_uses_one_and_the_template_has_none(
+    llama: Path, tmp_path: Path
+) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(llama)  # ChatML: no BOS in the template
+    data = prepared(tokenizer, write_jsonl(tmp_path / "talk.jsonl", [{"messages": TALK}]), tmp_path)
+    rows, runs = learnt(tokenizer, data)
+    assert rows[0][0] == tokenizer.bos_token_id and rows[0][1] != tokenizer.bos_token_id
+    assert runs == ["on the mat<|im_end|>", "in the house<|im_end|>"]
+
+
+def test_cache_key_has_the_template_and_the_field(qwen: Path, tmp_path: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(qwen)
+    path = write_jsonl(tmp_path / "talk.jsonl", [{"messages": TALK, "chat": TALK[:3]}])
+    cache = {"no_cache": False, "cache_dir": tmp_path / "cache"}
+    first = prepared(tokenizer, path, tmp_path, messages_field="messages", **cache)
+    again = prepared(tokenizer, path, tmp_path, messages_field="messages", **cache)
+    assert again.train.data.cache_hit and again.fingerprint == first.fingerprint
+    other_field = prepared(tokenizer, path, tmp_path, messages_field="chat", **cache)
+    assert not other_field.train.data.cache_hit and learnt(tokenizer, other_field)[1] == [
+        "on the mat<|im_end|>"
+    ]
+    tokenizer.chat_template = ZEPHYR
+    other_template = prepared(tokenizer, path, tmp_path, messages_field="messages", **cache)
+    assert not other_template.train.data.cache_hit
+    assert learnt(tokenizer, other_template)[1] == [
+        f"on the mat{tokenizer.eos_token}",
+        f"in the house{tokenizer.eos_token}",
+    ]
+
+
+def test_finetune_trains_on_conversations_and_saves(cli, llama: Path, tmp_path: Path) -> None:
+    records = [
+        {
+            "messages": [
+                {"role": "user", "content": f"the cat number {i}"},
+                {"role": "assistant", "content": f"sat {i}"},
+            ]
+        }
+        for i in range(24)
+    ]
+    data = write_jsonl(tmp_path / "chat.jsonl", records)
+    out = tmp_path / "run"
+    result = cli(
+        *finetune_args(
+            data, out, llama, "--batch-size", "4", "--max-steps", "3", "--lr", "1e-3", "--block-size", "64"
+        )
+    )
+    assert result.exit_code == 0, result.stderr
+    assert "24 conversation records" in result.stderr
+    info = meta(out)["data"]
+    assert info["messages_field"] == "messages" and info["records"] == 24
+    assert (out / "model.safetensors").exists() or list(out.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"text": "hi"}, 'talk.jsonl:2: no "messages" field'),
+        ({"messages": "hi"}, '"messages" must be a non-empty list'),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "message 1 has role 'robot'"),
+        ({"messages": [{"role": "user", "content": "x"}]}, "talk.jsonl:2: no assistant message"),
+        ({"messages": [{"role": "assistant", "content": 3}]}, 'message 1 "content" is int, not a string'),
+        ({"prompt": "a", "completion": "b"}, "talk.jsonl:2: a prompt/completion record among conversation"),
+    ],
+)
+def test_invalid_records_name_file_and_line(
+    cli, qwen: Path, tmp_path: Path, record: dict, message: str
+) -> None:
+    data = write_jsonl(tmp_path / "talk.jsonl", [{"messages": TALK}, record])
+    result = cli(*finetune_args(data, tmp_path / "out", qwen, "--max-steps", "1"))
+    assert result.exit_code != 0
+    assert message in result.stderr and result.stderr.count("Error:") == 1
+
+
+def test_conversation_among_prompt_completion_records_is_refused(cli, qwen: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "a", "completion": "b"}, {"messages": TALK}])
+    result = cli(*finetune_args(data, tmp_path / "out", qwen, "--max-steps", "1"))
+    assert result.exit_code != 0
+    assert 'qa.jsonl:2: a conversation record ("messages") among prompt/completion records' in result.stderr
+
+
+def test_no_chat_template_names_the_option(cli, tmp_path: Path) -> None:
+    model = build_tiny_family(tmp_path / "plain", "qwen2", chat_template=False)
+    data = write_jsonl(tmp_path / "talk.jsonl", [{"messages": TALK}])
+    result = cli(*finetune_args(data, tmp_path / "out", model, "--max-steps", "1"))
+    assert result.exit_code != 0
+    assert "no chat template" in result.stderr and "--chat-template" in result.stderr
+
+
+def test_long_conversation_is_refused_or_skipped(cli, qwen: Path, tmp_path: Path) -> None:
+    long = [{"role": "user", "content": "the cat sat " * 40}, {"role": "assistant", "content": "ok"}]
+    short = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    data = write_jsonl(tmp_path / "talk.jsonl", [{"messages": short}] * 8 + [{"messages": long}])
+    result = cli(*finetune_args(data, tmp_path / "out", qwen, "--max-steps", "1"))
+    assert result.exit_code != 0 and "talk.jsonl:9: the record has" in result.stderr
+    assert "rendered conversation" in result.stderr
+    result = cli(
+        *finetune_args(
+            data, tmp_path / "out2", qwen, "--max-steps", "1", "--long-records", "skip", "--batch-size", "2"
+        )
+    )
+    assert result.exit_code == 0, result.stderr
+    assert meta(tmp_path / "out2")["data"]["skipped_records"] == 1
