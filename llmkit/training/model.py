@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,8 +11,10 @@ from llmkit.errors import ModelError, UsageError
 if TYPE_CHECKING:
     from llmkit.models import ModelSource
 
-# GPT-2's residual, embedding and attention dropout: what --dropout sets.
-DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
+# What --dropout sets, under each config's own names: GPT-2's residual, embedding and attention dropout,
+# Phi-3's residual and embedding dropout, attention_dropout (Llama, Qwen2, Mistral, Gemma-2, Phi-3), and
+# the residual hidden_dropout of GPT-NeoX and Falcon.
+DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout")
 
 
 def build_model(cfg: TrainConfig) -> tuple[Any, Any, float | None, str | None]:
@@ -37,8 +38,9 @@ def build_model(cfg: TrainConfig) -> tuple[Any, Any, float | None, str | None]:
             tokenizer=cfg.tokenizer is None,
         )
     tokenizer = _tokenizer(cfg, source)
-    dropout = {} if cfg.dropout is None else dict.fromkeys(DROPOUT_KEYS, cfg.dropout)
-    base_dropout = _config_dropout(source)
+    config = _config_dict(source)
+    dropout = _dropout_fields(cfg.dropout, config)
+    base_dropout = _config_dropout(config)
     if cfg.from_scratch:
         return _fresh_model(cfg, source, tokenizer, dropout), tokenizer, base_dropout, None
     assert source is not None
@@ -54,19 +56,39 @@ def build_model(cfg: TrainConfig) -> tuple[Any, Any, float | None, str | None]:
     return model, tokenizer, base_dropout, targets.describe()
 
 
-def _config_dropout(source: ModelSource | None) -> float | None:
-    """The dropout the base model's config sets, which a run without --dropout trains with; None when
-    its three GPT-2 dropouts differ or it has none. (source None: transformers' GPT2Config.)"""
-    if source is None:
-        from transformers import GPT2Config
+def _config_dict(source: ModelSource | None) -> dict[str, Any] | None:
+    """The base model's config with transformers' defaults filled in (a saved config.json leaves out
+    values equal to them); None when it can't be read. (source None: transformers' GPT2Config.)"""
+    from transformers import AutoConfig, GPT2Config
 
-        config = GPT2Config().to_dict()
-    else:
-        try:
-            config = json.loads((source.model_dir / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-    values = {config.get(key) for key in DROPOUT_KEYS}
+    if source is None:
+        return GPT2Config().to_dict()
+    try:
+        return AutoConfig.from_pretrained(source.model_dir, local_files_only=True).to_dict()
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _dropout_fields(dropout: float | None, config: dict[str, Any] | None) -> dict[str, float]:
+    """--dropout as the config's own dropout fields; a config with none of them is refused, since a
+    field it doesn't have would be set and silently ignored."""
+    if dropout is None:
+        return {}
+    keys = [key for key in DROPOUT_KEYS if config is not None and key in config]
+    if not keys:
+        kind = (config or {}).get("model_type", "this model")
+        raise UsageError(
+            f"--dropout: a {kind} config has none of the dropout fields llmkit sets "
+            f"({', '.join(DROPOUT_KEYS)})",
+            "drop --dropout, or set the model's own dropout fields in its config.json",
+        )
+    return dict.fromkeys(keys, dropout)
+
+
+def _config_dropout(config: dict[str, Any] | None) -> float | None:
+    """The dropout the base model's config sets, which a run without --dropout trains with; None when
+    its dropout fields differ or it has none."""
+    values = {config.get(key) for key in DROPOUT_KEYS if key in config} if config is not None else set()
     return values.pop() if len(values) == 1 and None not in values else None
 
 
