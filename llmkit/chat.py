@@ -37,7 +37,10 @@ ROLES = ("system", "user", "assistant", "developer", "tool")
 # End-of-turn markers of the common templates (ChatML, Llama 3, Gemma, Phi-3): a reply ends at any
 # of them that the model's template uses and its vocabulary holds as one token, as well as at EOS.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
-NO_TEMPLATE_HINT = "use a chat model, e.g. -m HuggingFaceTB/SmolLM2-135M-Instruct"
+NO_TEMPLATE_HINT = (
+    "pass --chat-template chatml (or zephyr, or a FILE.jinja), "
+    "or use a chat model such as -m HuggingFaceTB/SmolLM2-135M-Instruct"
+)
 FULL_HINT = (
     "start a new conversation (in the REPL: /save FILE keeps this one, /reset starts over), "
     "pass --drop-oldest to drop the oldest turns as the context fills, or lower --max-new-tokens"
@@ -434,7 +437,9 @@ class RemoteChat:
                 raise ContextFull(f"the conversation is full: {error.get('message')}", FULL_HINT) from None
             if error.get("code") == "no_chat_template":
                 raise NoChatTemplate(
-                    f"the server's model has no chat template ({exc.code})", NO_TEMPLATE_HINT
+                    f"the server's model has no chat template ({exc.code})",
+                    "start the server with --chat-template chatml (or zephyr, or a FILE.jinja), "
+                    "or serve a chat model",
                 ) from None
             exc.read = lambda: payload  # type: ignore[method-assign]  # _refused reads the body again
             raise _refused(exc) from None

@@ -213,7 +213,7 @@ def test_a_model_without_a_chat_template_is_one_error(cli, tiny_model: Path) -> 
     assert result.exit_code == 1
     lines = result.stderr.splitlines()
     assert lines[0] == f"Error: {tiny_model}: this model's tokenizer has no chat template"
-    assert lines[1].startswith("Hint: use a chat model") and len(lines) == 2
+    assert lines[1].startswith("Hint: pass --chat-template chatml") and len(lines) == 2
 
 
 # -- the KV cache across turns ---------------------------------------------------------------------

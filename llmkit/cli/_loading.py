@@ -24,6 +24,8 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
     if cfg.quantize == "int8":
         # Loaded in float32, then every linear layer became int8: say what runs, not what loaded.
         precision = "int8 weights in every linear layer (--quantize int8), float32 embeddings and norms"
+    elif cfg.quantize == "f16":
+        precision = "float16 weights in every linear layer (--quantize f16), float32 everywhere else"
     elif cfg.quantize == "int4":
         precision = (
             "4-bit weights in groups of 32 in every linear layer (--quantize int4; bf16 inputs to the "
@@ -53,3 +55,27 @@ def load_tokenizer_only(cfg: LoadConfig):
         return load_tokenizer(bare, cfg.model)  # a tokenizer directory, e.g. from train-tokenizer
     source = resolve(cfg.model, offline=cfg.offline, allow_pickle=cfg.allow_pickle)
     return load_tokenizer(source.tokenizer_dir, cfg.model)
+
+
+def use_chat_template(lm: LoadedModel, spec: str | None, quantize: str | None = None) -> None:
+    """--chat-template on a loaded model (in memory): its tokens added where missing, said on stderr."""
+    if spec is None:
+        return
+    from llmkit.errors import UsageError
+    from llmkit.templates import apply_template, resolve_template
+
+    template = resolve_template(spec)
+    missing = [t for t in template.special_tokens if t not in lm.tokenizer.get_vocab()]
+    if missing and quantize:
+        # A quantized LM head has no rows to grow.
+        raise UsageError(
+            f"--chat-template {spec} adds {', '.join(missing)} to the vocabulary, which --quantize can't",
+            "drop --quantize, or fine-tune with the template first (llmkit finetune … --chat-template)",
+        )
+    added = apply_template(lm.tokenizer, lm.model, template)
+    if added:
+        out.warn(
+            f"--chat-template {spec}: added {', '.join(added)} to the vocabulary; this model has never "
+            "seen them, so expect poor replies until it is fine-tuned with the template "
+            f"(llmkit finetune … --chat-template {spec})"
+        )

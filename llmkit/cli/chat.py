@@ -18,6 +18,7 @@ from llmkit.cli import generate as _generate
 from llmkit.cli._inputs import stdin_is_terminal
 from llmkit.cli._options import (
     AllowPickleOpt,
+    ChatTemplateOpt,
     DeviceOpt,
     DtypeOpt,
     ModelOpt,
@@ -95,6 +96,7 @@ def chat(
         ),
     ] = None,
     api_key: ApiKeyOpt = None,
+    chat_template: ChatTemplateOpt = None,
     max_new_tokens: MaxNewTokensOpt = 256,
     min_new_tokens: MinNewTokensOpt = 0,
     temperature: TemperatureOpt = 1.0,
@@ -141,6 +143,13 @@ def chat(
     interactive = stdin_is_terminal()
     # Piped input is read before the model loads: an empty or broken conversation fails fast.
     messages = None if interactive else read_conversation(sys.stdin.read())
+    if server and chat_template is not None:
+        from llmkit.errors import UsageError
+
+        raise UsageError(
+            "--chat-template is for a model loaded here, not one behind --server",
+            "start the server with it: llmkit serve -m MODEL --chat-template NAME",
+        )
     if server:
         from llmkit.chat import RemoteChat
 
@@ -148,9 +157,10 @@ def chat(
         name = server
     else:
         from llmkit.chat import LocalChat
-        from llmkit.cli._loading import load_model
+        from llmkit.cli._loading import load_model, use_chat_template
 
         lm = load_model(load_config(model, device, dtype, offline, allow_pickle, quantize))
+        use_chat_template(lm, chat_template, quantize)
         backend = LocalChat(lm, cfg)
         name = f"{lm.source.name} (context {lm.context:,} tokens)"
     if backend.seed is not None:

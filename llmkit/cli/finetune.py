@@ -9,6 +9,7 @@ import typer
 from llmkit.cli import _output as out
 from llmkit.cli._options import (
     AllowPickleOpt,
+    ChatTemplateOpt,
     DataArg,
     DeviceOpt,
     ErrorsOpt,
@@ -227,6 +228,7 @@ def finetune(
             "(mostly on GPUs).",
         ),
     ] = False,
+    chat_template: ChatTemplateOpt = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for initialisation, data order and dropout.")] = 0,
     eval_every: Annotated[
         int,

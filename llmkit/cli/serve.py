@@ -9,6 +9,7 @@ import typer
 from llmkit.cli import _output as out
 from llmkit.cli._options import (
     AllowPickleOpt,
+    ChatTemplateOpt,
     DeviceOpt,
     DtypeOpt,
     ModelOpt,
@@ -55,6 +56,7 @@ def serve(
     ui: Annotated[
         bool, typer.Option("--ui/--no-ui", help="Serve the playground page at / (--no-ui: the API only).")
     ] = True,
+    chat_template: ChatTemplateOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quantize: QuantizeOpt = None,
@@ -73,12 +75,13 @@ def serve(
     from llmkit.serve import server
 
     sock = server.bind(host, port)  # before loading: a taken port fails in a second, not after the model
-    from llmkit.cli._loading import load_model
+    from llmkit.cli._loading import load_model, use_chat_template
     from llmkit.generation import AUTO_BATCH
     from llmkit.serve.app import create_app
     from llmkit.serve.engine import Engine
 
     lm = load_model(load_config(model, device, dtype, offline, allow_pickle, quantize))
+    use_chat_template(lm, chat_template, quantize)  # before the engine reads its stops
     engine = Engine(lm, max_batch=batch_size or AUTO_BATCH.get(lm.device.type, 16))
     access = out.console().print if out.settings.verbose else None
     app = create_app(engine, model, api_key, int(max_body_mb * 2**20), access_log=_plain(access), ui=ui)

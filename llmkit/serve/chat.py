@@ -16,7 +16,8 @@ def chat_run(engine: Engine, req: ChatRequest, model: str) -> tuple[Run, list[in
         raise APIError(
             400,
             f"this model ({model}) has no chat template, so it cannot take chat messages; "
-            "use /v1/completions with a plain prompt",
+            "use /v1/completions with a plain prompt, or start the server with --chat-template chatml "
+            "(or zephyr, or a FILE.jinja)",
             param="messages",
             code="no_chat_template",
         )

@@ -38,14 +38,32 @@ def build_model(cfg: TrainConfig) -> tuple[Any, Any, float | None, str | None]:
             tokenizer=cfg.tokenizer is None,
         )
     tokenizer = _tokenizer(cfg, source)
+    template = None
+    if cfg.chat_template is not None:
+        from llmkit.templates import apply_template, resolve_template
+
+        template = resolve_template(cfg.chat_template)
+        # The tokens go on before a fresh model is shaped, so its vocabulary counts them.
+        added = apply_template(tokenizer, None, template)
+        if added and cfg.lora and not cfg.from_scratch:
+            raise UsageError(
+                f"--chat-template {cfg.chat_template} adds {', '.join(added)} to the vocabulary, and a "
+                "LoRA adapter can't carry new embedding rows",
+                "fine-tune without --lora, or use --chat-template zephyr (it adds no tokens)",
+            )
     config = _config_dict(source)
     dropout = _dropout_fields(cfg.dropout, config)
     base_dropout = _config_dropout(config)
     if cfg.from_scratch:
-        return _fresh_model(cfg, source, tokenizer, dropout), tokenizer, base_dropout, None
+        model = _fresh_model(cfg, source, tokenizer, dropout)
+        if template is not None:
+            apply_template(tokenizer, model, template)
+        return model, tokenizer, base_dropout, None
     assert source is not None
     # An adapter given as the base arrives merged into its own base: a model like any other.
     model = load_weights(source, cfg.model, dtype="float32", allow_pickle=cfg.allow_pickle, **dropout)
+    if template is not None:
+        apply_template(tokenizer, model, template)  # resizes the embeddings, makes the end of turn a stop
     if not cfg.lora:
         return model, tokenizer, base_dropout, None
     from llmkit import lora
