@@ -113,6 +113,7 @@ def generate_steps() -> dict[str, Callable[[], Any]]:
     for name, load_cfg in {
         "llmkit generate float32": LoadConfig(model=path, dtype="float32"),
         "llmkit generate defaults": LoadConfig(model=path),
+        "llmkit generate --quantize f16": LoadConfig(model=path, quantize="f16"),
         "llmkit generate --quantize int8": LoadConfig(model=path, quantize="int8"),
         "llmkit generate --quantize int4": LoadConfig(model=path, quantize="int4"),
     }.items():

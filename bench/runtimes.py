@@ -143,6 +143,7 @@ def llmkit_contenders(model: Path) -> dict[str, Any]:
     loads = {
         "float32": LoadConfig(model=str(model), dtype="float32"),
         "defaults": LoadConfig(model=str(model)),
+        "--quantize f16": LoadConfig(model=str(model), quantize="f16"),
         "--quantize int8": LoadConfig(model=str(model), quantize="int8"),
         "--quantize int4": LoadConfig(model=str(model), quantize="int4"),
     }

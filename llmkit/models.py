@@ -345,6 +345,10 @@ def load(cfg: LoadConfig) -> LoadedModel:
         from llmkit.quantize import int4_weight_only
 
         model, _kept = int4_weight_only(model)
+    elif cfg.quantize == "f16":
+        from llmkit.quantize import f16_weights
+
+        model = f16_weights(model)
     return LoadedModel(model, tokenizer, device, dtype, source, why)
 
 

@@ -115,3 +115,46 @@ def int4_weight_only(model: Any, group: int = INT4_GROUP) -> tuple[Any, list[str
                     continue
                 setattr(parent, name, _int4_linear(child, group))
     return model, kept
+
+
+def _f16_linear(linear: Any) -> Any:
+    import torch
+    from torch import nn
+
+    class F16Linear(nn.Module):
+        """y = x·Wᵀ + b with W stored in float16 and everything around the product in float32.
+
+        One-row products read the weights once each: half the bytes of float32 is what buys the
+        speed, and the CPU's f16 product (oneDNN) is twice as fast as its bf16 one for a single row
+        on the CPUs measured. Norms, attention and the residual stream stay float32, so the model is
+        closer to float32 than a bf16 model is.
+        """
+
+        def __init__(self, weight: Any, bias: Any) -> None:
+            super().__init__()
+            self.register_buffer("weight", weight)
+            self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+            self.out_features, self.in_features = weight.shape
+
+        def forward(self, x: Any) -> Any:
+            y = torch.nn.functional.linear(x.to(torch.float16), self.weight).to(x.dtype)
+            return y if self.bias is None else y + self.bias
+
+        def extra_repr(self) -> str:
+            return f"in_features={self.in_features}, out_features={self.out_features}, float16 weights"
+
+    weight = linear.weight.detach().to(torch.float16)
+    bias = None if linear.bias is None else linear.bias.detach().float()
+    return F16Linear(weight, bias)
+
+
+def f16_weights(model: Any) -> Any:
+    """The float32 model with every Linear layer's weight (the LM head's too) stored in float16."""
+    from torch import nn
+
+    _conv1d_to_linear(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, _f16_linear(child))
+    return model

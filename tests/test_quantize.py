@@ -118,3 +118,32 @@ def test_int4_generates_and_streams_the_same_text(cli, tiny_model: Path) -> None
     streamed = cli(*args, "--stream")
     assert streamed.exit_code == 0, streamed.stderr
     assert streamed.stdout == record["completion"] + "\n"
+
+
+def test_f16_weights_score_as_float32_does(cli, tiny_model: Path, tmp_path: Path) -> None:
+    """float16 weights, float32 around them: a rounding of the weights only, far below int8's."""
+    import torch
+
+    from llmkit.config import LoadConfig
+    from llmkit.models import load
+
+    model = load(LoadConfig(model=str(tiny_model), quantize="f16")).model
+    assert sum(type(m).__name__ == "F16Linear" for m in model.modules()) == 4 * model.config.n_layer + 1
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(sentences(40, seed=3)))
+    runs = {}
+    for name, extra in (("fp32", ["--dtype", "float32"]), ("f16", ["--quantize", "f16"])):
+        result = cli("perplexity", "-m", tiny_model, text, "-f", "json", *extra)
+        assert result.exit_code == 0, result.stderr
+        runs[name] = json.loads(result.stdout)
+    assert runs["f16"]["nll"] != runs["fp32"]["nll"]
+    assert abs(runs["f16"]["nll"] - runs["fp32"]["nll"]) < 1e-3 * runs["fp32"]["nll"]
+
+
+def test_f16_greedy_text_is_float32s(cli, tiny_model: Path) -> None:
+    args = ("generate", "-m", tiny_model, "The king", "-n", "12", "--greedy", "-f", "jsonl")
+    want = cli(*args, "--dtype", "float32")
+    got = cli(*args, "--quantize", "f16")
+    assert want.exit_code == got.exit_code == 0, got.stderr
+    assert json.loads(got.stdout)["completion"] == json.loads(want.stdout)["completion"]
