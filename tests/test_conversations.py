@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 
 from llmkit.data import prepare
 from llmkit.data.packing import IGNORE
+from llmkit.errors import InputError
 from llmkit.testing import build_tiny_family
 
 # Zephyr's shape (<|role|> headers, the EOS ending each turn), with the BOS the template puts first
@@ -20,6 +21,16 @@ from llmkit.testing import build_tiny_family
 ZEPHYR = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+LLAMA3 = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+# A generation prompt ending in a space: the content's first token carries it.
+PLAIN = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
 )
 TALK = [
     {"role": "system", "content": "Be brief."},
@@ -191,3 +202,55 @@ def test_long_conversation_is_refused_or_skipped(cli, qwen: Path, tmp_path: Path
     )
     assert result.exit_code == 0, result.stderr
     assert meta(tmp_path / "out2")["data"]["skipped_records"] == 1
+
+
+def test_llama3_mask_ends_with_eot_id(llama: Path, tmp_path: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(llama)
+    tokenizer.add_tokens(["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], special_tokens=True)
+    tokenizer.chat_template = LLAMA3
+    data = prepared(tokenizer, write_jsonl(tmp_path / "talk.jsonl", [{"messages": TALK}]), tmp_path)
+    rows, runs = learnt(tokenizer, data)
+    assert runs == ["on the mat<|eot_id|>", "in the house<|eot_id|>"]
+    assert rows[0][:2] == [tokenizer.bos_token_id, tokenizer.convert_tokens_to_ids("<|start_header_id|>")]
+
+
+def test_first_content_token_learnt_when_it_carries_the_prompts_space(qwen: Path, tmp_path: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(qwen)
+    tokenizer.chat_template = PLAIN
+    talk = [{"role": "user", "content": "where?"}, {"role": "assistant", "content": "the mat"}]
+    assert tokenizer.tokenize("assistant: the")[-1] == "Ġthe"  # one token: the space and the word
+    data = prepared(tokenizer, write_jsonl(tmp_path / "talk.jsonl", [{"messages": talk}]), tmp_path)
+    assert learnt(tokenizer, data)[1] == [f" the mat{tokenizer.eos_token}"]
+
+
+def test_template_that_rewrites_earlier_turns_is_refused(qwen: Path, tmp_path: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(qwen)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if loop.last %}[last] {% endif %}{{ m['role'] }}: {{ m['content'] }}\n"
+        "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    with pytest.raises(InputError, match=r"talk.jsonl:1: the chat template renders assistant turn 3"):
+        prepared(tokenizer, write_jsonl(tmp_path / "talk.jsonl", [{"messages": TALK}]), tmp_path)
+
+
+def test_worker_processes_give_the_same_ids_and_mask(qwen: Path, tmp_path: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(qwen)
+    records = [{"messages": TALK[: 3 + 2 * (i % 2)]} for i in range(40)]
+    path = write_jsonl(tmp_path / "talk.jsonl", records)
+    one = prepared(tokenizer, path, tmp_path).train.data
+    two = prepared(tokenizer, path, tmp_path, num_proc=2).train.data
+    assert np.array_equal(one.array(), two.array()) and np.array_equal(one.mask(), two.mask())
+    assert np.array_equal(one.record_table(), two.record_table())
+
+
+def test_messages_field_option_and_its_conflict(cli, qwen: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "talk.jsonl", [{"chat": TALK, "text": "x"}] * 8)
+    out = tmp_path / "out"
+    flags = ("--messages-field", "chat", "--max-steps", "1", "--batch-size", "2", "--block-size", "128")
+    result = cli(*finetune_args(data, out, qwen, *flags))
+    assert result.exit_code == 0, result.stderr
+    assert meta(out)["data"]["messages_field"] == "chat"
+    result = cli(
+        *finetune_args(data, tmp_path / "o2", qwen, "--messages-field", "chat", "--prompt-field", "p")
+    )
+    assert result.exit_code != 0 and "--messages-field and --prompt-field" in result.stderr

@@ -117,26 +117,33 @@ class _Encoder:
 
     def conversations(self, texts: list[str], spans: list[list[tuple[int, int]]]) -> tuple[Any, Any, Any]:
         """(ids, learn mask, record lengths) for rendered conversations: each text tokenized whole
-        (the template's own special tokens parsed as such), the mask 1 on the ids that start inside
-        one of its spans (assistant content and end-of-turn marker). The BOS goes first where the
+        (the template's own special tokens parsed as such), the mask 1 on the ids whose characters
+        overlap one of its spans (assistant content and end-of-turn marker). Overlap, not "starts
+        inside": after a generation prompt ending in a space ("Assistant: "), the content's first id
+        carries that space, and it is the id the turn must learn. The BOS goes first where the
         tokenizer uses one, unless the template already put it there."""
         import numpy as np
 
-        ids: list[int] = []
-        mask: list[int] = []
+        ids: list[np.ndarray] = []
+        mask: list[np.ndarray] = []
         lengths: list[int] = []
         # encode_batch, not encode_batch_fast: the fast one leaves the offsets out
         for encoding, record in zip(
             self.tokenizer.encode_batch(texts, add_special_tokens=False), spans, strict=True
         ):
             lead = self.lead if encoding.ids[:1] != self.lead else []
-            learn = [0] * len(encoding.ids)
-            for t, (start, _end) in enumerate(encoding.offsets):
-                learn[t] = int(any(a <= start < b for a, b in record))
-            ids += lead + encoding.ids
-            mask += [0] * len(lead) + learn
+            offsets = np.array(encoding.offsets, dtype=np.int64).reshape(-1, 2)
+            learn = np.zeros(len(offsets), dtype=bool)
+            for start, end in record:
+                learn |= (offsets[:, 1] > start) & (offsets[:, 0] < end)
+            ids.append(np.array(lead + encoding.ids, dtype=np.int64))
+            mask.append(np.concatenate([np.zeros(len(lead), dtype=bool), learn]))
             lengths.append(len(lead) + len(encoding.ids))
-        return np.array(ids, dtype=self.dtype), np.array(mask, dtype=np.uint8), np.array(lengths, np.int64)
+        return (
+            np.concatenate(ids).astype(self.dtype) if ids else np.zeros(0, self.dtype),
+            np.concatenate(mask).astype(np.uint8) if mask else np.zeros(0, np.uint8),
+            np.array(lengths, np.int64),
+        )
 
 
 _worker: _Encoder | None = None
