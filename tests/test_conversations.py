@@ -254,3 +254,18 @@ def test_messages_field_option_and_its_conflict(cli, qwen: Path, tmp_path: Path)
         *finetune_args(data, tmp_path / "o2", qwen, "--messages-field", "chat", "--prompt-field", "p")
     )
     assert result.exit_code != 0 and "--messages-field and --prompt-field" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["chatml", "zephyr"])
+def test_mask_agrees_with_transformers_generation_marks(qwen: Path, tmp_path: Path, name: str) -> None:
+    """The built-in templates mark assistant content + end of turn with {% generation %}: transformers'
+    own assistant mask must be ours."""
+    from llmkit.templates import BUILTIN
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen)
+    tokenizer.chat_template = BUILTIN[name]
+    data = prepared(tokenizer, write_jsonl(tmp_path / "talk.jsonl", [{"messages": TALK}]), tmp_path)
+    theirs = tokenizer.apply_chat_template(TALK, return_dict=True, return_assistant_tokens_mask=True)
+    n = len(theirs["input_ids"])
+    assert data.train.data.array()[:n].tolist() == theirs["input_ids"]
+    assert data.train.data.mask()[:n].tolist() == theirs["assistant_masks"] and data.train.data.tokens == n
