@@ -71,6 +71,8 @@ def describe(cfg: LoadConfig) -> dict[str, Any]:
     if parameters is None:  # pickle weights only: count the config's model, built without memory
         parameters, stored = count_parameters(config), "unknown (pickle weights, not read)"
     size = sum(p.stat().st_size for p in source.path.iterdir() if p.is_file())
+    # Grouped-query attention (Llama, Qwen2, Mistral, …) keeps fewer key/value heads: the KV cache's size.
+    kv_heads = getattr(config, "num_key_value_heads", None)
     return {
         "model": cfg.model,
         **adapter_details(source),
@@ -79,6 +81,7 @@ def describe(cfg: LoadConfig) -> dict[str, Any]:
         "parameters": parameters,
         "layers": getattr(config, "n_layer", getattr(config, "num_hidden_layers", None)),
         "heads": getattr(config, "n_head", getattr(config, "num_attention_heads", None)),
+        **({"kv_heads": kv_heads} if kv_heads else {}),
         "embedding_width": getattr(config, "n_embd", getattr(config, "hidden_size", None)),
         "context": context_length(config),
         "vocab_size": config.vocab_size,

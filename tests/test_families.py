@@ -18,6 +18,7 @@ from llmkit.testing import FAMILIES, build_tiny_family
 
 TEXT = "The cat sees the moon. A dog likes the sea.\nThe old king sings to her brother."
 PROMPT = "The cat"
+MESSAGES = [{"role": "user", "content": "Who sees the moon?"}]
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama", "qwen2", "phi3"])
@@ -127,9 +128,7 @@ def test_serve_echo_scores_text_prompts_like_the_tokenizer(family, tmp_path: Pat
         status, body = server.post(
             "/v1/completions", {"prompt": PROMPT, "max_tokens": 0, "echo": True, "logprobs": 1}
         )
-        chat = server.post(
-            "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
-        )
+        chat = server.post("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 6, "temperature": 0})
     finally:
         server.stop()
     assert status == 200, body
@@ -145,5 +144,93 @@ def test_serve_echo_scores_text_prompts_like_the_tokenizer(family, tmp_path: Pat
     assert scored == pytest.approx(expected, abs=1e-4)
     if name == "gpt2":
         assert chat[0] == 400  # no chat template
-    else:
-        assert chat[0] == 200 and chat[1]["choices"][0]["message"]["role"] == "assistant"
+        return
+    assert chat[0] == 200, chat[1]
+    # Greedy through the real server is transformers' greedy on the template's ids, stopping where the
+    # model's generation config says (an end of turn or of text).
+    ids = tok.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False)
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)
+    [choice] = chat[1]["choices"]
+    assert choice["message"]["role"] == "assistant"
+    assert choice["message"]["content"] == tok.decode(out[0, len(ids) :], skip_special_tokens=True)
+    assert chat[1]["usage"]["prompt_tokens"] == len(ids)
+
+
+def test_info_reads_the_configs_own_fields(family, cli) -> None:
+    name, path = family
+    got = cli("info", "-m", path, "--format", "json")
+    assert got.exit_code == 0, got.stderr
+    info = json.loads(got.stdout)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    config = model.config
+    assert info["model_type"] == name and info["architecture"] == type(model).__name__
+    assert info["parameters"] == sum(p.numel() for p in model.parameters())  # tied ones once
+    assert (info["layers"], info["heads"], info["embedding_width"]) == (
+        config.num_hidden_layers,
+        config.num_attention_heads,
+        config.hidden_size,
+    )
+    assert info["context"] == config.max_position_embeddings == 128
+    assert info["vocab_size"] == len(AutoTokenizer.from_pretrained(path))
+    assert info.get("kv_heads") == (None if name == "gpt2" else 1)  # grouped-query: the tiny ones keep 1
+
+
+def test_int8_runs_and_scores_near_float32(family, cli, tmp_path: Path) -> None:
+    _name, path = family
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    nll = {}
+    for label, extra in (("fp32", []), ("int8", ["--quantize", "int8"])):
+        got = cli("perplexity", "-m", path, text, "--format", "json", *extra)
+        assert got.exit_code == 0, got.stderr
+        nll[label] = json.loads(got.stdout)["nll"]
+    assert nll["int8"] != nll["fp32"]  # quantized for real
+    # Random tiny models sit near ln(vocab) (5.99 here); a model int8 broke down to uniform logits would
+    # be ~0.01 away, so the tolerance is tighter than that. (Seen: 0.0004 to 0.001.)
+    assert abs(nll["int8"] - nll["fp32"]) < 0.004
+    # Greedy text may differ from float32's (near-ties flip); it must run and give the tokens asked.
+    got = cli(
+        "generate",
+        "-m",
+        path,
+        PROMPT,
+        "-n",
+        "6",
+        "--min-new-tokens",
+        "6",
+        "--greedy",
+        "--quantize",
+        "int8",
+        "--format",
+        "jsonl",
+    )
+    assert got.exit_code == 0, got.stderr
+    assert json.loads(got.stdout)["completion_tokens"] == 6
+
+
+def test_compiled_greedy_text_is_eager_greedy_text(cli, tmp_path: Path) -> None:
+    """On Qwen2 only: compiling costs 10-25 s a family on a CPU, and the decoding step it compiles is
+    the same code path for every family (test_generate.py compiles GPT-2's)."""
+    from torch._dynamo.utils import counters
+
+    path = build_tiny_family(tmp_path / "qwen2", "qwen2")
+    args = [
+        "generate",
+        "-m",
+        path,
+        PROMPT,
+        "-n",
+        "8",
+        "--min-new-tokens",
+        "8",
+        "--greedy",
+        "--dtype",
+        "float32",
+    ]
+    eager = cli(*args, "--format", "jsonl")
+    counters.clear()
+    compiled = cli(*args, "--compile", "--format", "jsonl")
+    assert eager.exit_code == 0 and compiled.exit_code == 0, compiled.stderr
+    assert counters["stats"]["unique_graphs"] >= 1  # the decoding step really was compiled
+    assert json.loads(compiled.stdout)["completion"] == json.loads(eager.stdout)["completion"]
