@@ -76,6 +76,23 @@ def test_default_targets_train_and_peft_loads_the_adapter_alike(
     assert generated.exit_code == 0, generated.stderr
     assert generated.stdout == tok.decode(greedy[0, ids.shape[1] :], skip_special_tokens=True) + "\n"
 
+    # perplexity and info take the adapter directory as -m like a model.
+    text = tmp_path / "t.txt"
+    text.write_text(PROMPT + " moon. A dog likes the sea.")
+    scored = tok(text.read_text(), return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = plain(input_ids=scored).logits[0, :-1]
+    nll = float(torch.nn.functional.cross_entropy(logits, scored[0, 1:]))
+    ppl = cli("perplexity", "-m", out, text, "--format", "json")
+    assert ppl.exit_code == 0, ppl.stderr
+    assert json.loads(ppl.stdout)["nll"] == pytest.approx(nll, rel=1e-5)
+    info = cli("info", "-m", out, "--format", "json")
+    assert info.exit_code == 0, info.stderr
+    facts = json.loads(info.stdout)
+    assert (facts["adapter"], facts["model_type"], facts["base_path"]) == ("LoRA", name, str(base))
+    assert set(facts["lora_targets"].split(", ")) == layers
+    assert facts["adapter_parameters"] == sum(p.numel() for n, p in plain.named_parameters() if "lora_" in n)
+
 
 def test_all_linear_adapts_every_block_layer_but_the_head(
     cli, tiny_model: Path, pattern_corpus: Path, tmp_path
