@@ -269,3 +269,33 @@ def test_mask_agrees_with_transformers_generation_marks(qwen: Path, tmp_path: Pa
     n = len(theirs["input_ids"])
     assert data.train.data.array()[:n].tolist() == theirs["input_ids"]
     assert data.train.data.mask()[:n].tolist() == theirs["assistant_masks"] and data.train.data.tokens == n
+
+
+def test_template_raising_is_an_error_naming_the_line(qwen: Path, tmp_path: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(qwen)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}"
+        "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    path = write_jsonl(tmp_path / "talk.jsonl", [{"messages": TALK[1:]}, {"messages": TALK}])
+    with pytest.raises(
+        InputError, match=r"talk.jsonl:2: the chat template refuses .*System role not supported"
+    ):
+        prepared(tokenizer, path, tmp_path)
+
+
+def test_val_file_of_conversations_and_of_the_other_kind(cli, qwen: Path, tmp_path: Path) -> None:
+    short = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    train = write_jsonl(tmp_path / "train.jsonl", [{"messages": short}] * 8)
+    val = write_jsonl(tmp_path / "val.jsonl", [{"messages": TALK}] * 2)
+    flags = ("--max-steps", "1", "--batch-size", "2", "--block-size", "128")
+    result = cli(*finetune_args(train, tmp_path / "out", qwen, *flags, "--val-file", val))
+    assert result.exit_code == 0, result.stderr
+    assert meta(tmp_path / "out")["data"]["val_records"] == 2
+    pairs = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "a", "completion": "b"}])
+    result = cli(*finetune_args(train, tmp_path / "out2", qwen, *flags, "--val-file", pairs))
+    assert (
+        result.exit_code != 0 and "qa.jsonl:1: a prompt/completion record among conversation" in result.stderr
+    )

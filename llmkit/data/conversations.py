@@ -56,13 +56,24 @@ def renderer(tokenizer: Any, template: str) -> Render:
 
 def assistant_spans(messages: list[dict[str, str]], render: Render, where: str) -> tuple[str, Spans]:
     """(the rendered conversation, each assistant turn's span: its content and end-of-turn marker)."""
-    text = render(messages, False)
+
+    def rendered(part: list[dict[str, str]], generation_prompt: bool) -> str:
+        try:
+            return render(part, generation_prompt)
+        except Exception as exc:  # the template's raise_exception ("roles must alternate"), or a bug in it
+            raise InputError(
+                f"{where}: the chat template refuses the conversation: {exc}",
+                "fix the record to the template's rules (many want user and assistant turns to "
+                "alternate), or train with another template (--chat-template)",
+            ) from None
+
+    text = rendered(messages, False)
     spans: Spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = render(messages[:i], True)
-        through = render(messages[: i + 1], False)
+        before = rendered(messages[:i], True)
+        through = rendered(messages[: i + 1], False)
         if not (text.startswith(through) and through.startswith(before)):
             raise InputError(
                 f"{where}: the chat template renders assistant turn {i + 1} differently once later "
