@@ -103,9 +103,9 @@ def check_renders(text: str, label: str) -> None:
             conversations=[_PROBE], chat_template=text, add_generation_prompt=True, eos_token="</s>"
         )
     except Exception as exc:  # jinja2's TemplateSyntaxError, UndefinedError, the template's raise_exception
-        raise InputError(f"--chat-template {label}: not a usable chat template ({exc})", hint) from None
+        raise UsageError(f"--chat-template {label}: not a usable chat template ({exc})", hint) from None
     if not rendered or "Hello?" not in rendered[0]:
-        raise InputError(f"--chat-template {label}: it does not render the messages' content", hint)
+        raise UsageError(f"--chat-template {label}: it does not render the messages' content", hint)
 
 
 def apply_template(tokenizer: Any, model: Any, template: ChatTemplate) -> list[str]:

@@ -176,14 +176,14 @@ def test_a_jinja_file_and_bad_ones(cli, tiny_model: Path, tmp_path: Path) -> Non
     broken = tmp_path / "broken.jinja"
     broken.write_text("{% for m in messages %}{{ m['content'] }")
     result = cli("chat", "-m", tiny_model, "--chat-template", broken, input=piped)
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a usage error, like an unknown option value
     assert result.stderr.startswith(f"Error: --chat-template {broken}: not a usable chat template")
     empty = tmp_path / "empty.jinja"
     empty.write_text("nothing here")
     result = cli("chat", "-m", tiny_model, "--chat-template", empty, input=piped)
-    assert result.exit_code == 1 and "does not render the messages' content" in result.stderr
+    assert result.exit_code == 2 and "does not render the messages' content" in result.stderr
     result = cli("chat", "-m", tiny_model, "--chat-template", tmp_path / "missing.jinja", input=piped)
-    assert result.exit_code != 0 and "no such template or file" in result.stderr
+    assert result.exit_code == 2 and "no such template or file" in result.stderr
     assert "chatml, zephyr" in result.stderr
 
 

@@ -9,6 +9,7 @@ from llmkit.cli import _output as out
 if TYPE_CHECKING:
     from llmkit.config import LoadConfig
     from llmkit.models import LoadedModel
+    from llmkit.templates import ChatTemplate
 
 
 def load_model(cfg: LoadConfig) -> LoadedModel:
@@ -57,14 +58,23 @@ def load_tokenizer_only(cfg: LoadConfig):
     return load_tokenizer(source.tokenizer_dir, cfg.model)
 
 
-def use_chat_template(lm: LoadedModel, spec: str | None, quantize: str | None = None) -> None:
-    """--chat-template on a loaded model (in memory): its tokens added where missing, said on stderr."""
+def resolve_chat_template(spec: str | None) -> ChatTemplate | None:
+    """--chat-template resolved (a file read and checked) before the model loads: a bad one fails fast."""
     if spec is None:
+        return None
+    from llmkit.templates import resolve_template
+
+    return resolve_template(spec)
+
+
+def use_chat_template(lm: LoadedModel, template: ChatTemplate | None, quantize: str | None = None) -> None:
+    """--chat-template on a loaded model (in memory): its tokens added where missing, said on stderr."""
+    if template is None:
         return
     from llmkit.errors import UsageError
-    from llmkit.templates import apply_template, resolve_template
+    from llmkit.templates import apply_template
 
-    template = resolve_template(spec)
+    spec = template.name
     missing = [t for t in template.special_tokens if t not in lm.tokenizer.get_vocab()]
     if missing and quantize:
         # A quantized LM head has no rows to grow.

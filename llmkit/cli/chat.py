@@ -157,10 +157,11 @@ def chat(
         name = server
     else:
         from llmkit.chat import LocalChat
-        from llmkit.cli._loading import load_model, use_chat_template
+        from llmkit.cli._loading import load_model, resolve_chat_template, use_chat_template
 
+        template = resolve_chat_template(chat_template)
         lm = load_model(load_config(model, device, dtype, offline, allow_pickle, quantize))
-        use_chat_template(lm, chat_template, quantize)
+        use_chat_template(lm, template, quantize)
         backend = LocalChat(lm, cfg)
         name = f"{lm.source.name} (context {lm.context:,} tokens)"
     if backend.seed is not None:

@@ -303,6 +303,10 @@ def finetune(
     from llmkit.config import TrainConfig
     from llmkit.models import quiet_transformers
 
+    if chat_template is not None:
+        from llmkit.templates import resolve_template
+
+        resolve_template(chat_template)  # a bad file fails before the model loads, not after
     # Every option is named after its TrainConfig field; the config validates them all at once.
     cfg = TrainConfig(**{f.name: options[f.name] for f in fields(TrainConfig)})
     from llmkit import training

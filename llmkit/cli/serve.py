@@ -72,16 +72,17 @@ def serve(
         raise UsageError("--batch-size must be at least 1")
     if max_body_mb <= 0:
         raise UsageError("--max-body-mb must be positive")
+    from llmkit.cli._loading import load_model, resolve_chat_template, use_chat_template
     from llmkit.serve import server
 
+    template = resolve_chat_template(chat_template)  # a bad file fails before the port is taken
     sock = server.bind(host, port)  # before loading: a taken port fails in a second, not after the model
-    from llmkit.cli._loading import load_model, use_chat_template
     from llmkit.generation import AUTO_BATCH
     from llmkit.serve.app import create_app
     from llmkit.serve.engine import Engine
 
     lm = load_model(load_config(model, device, dtype, offline, allow_pickle, quantize))
-    use_chat_template(lm, chat_template, quantize)  # before the engine reads its stops
+    use_chat_template(lm, template, quantize)  # before the engine reads its stops
     engine = Engine(lm, max_batch=batch_size or AUTO_BATCH.get(lm.device.type, 16))
     access = out.console().print if out.settings.verbose else None
     app = create_app(engine, model, api_key, int(max_body_mb * 2**20), access_log=_plain(access), ui=ui)
