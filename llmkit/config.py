@@ -57,7 +57,8 @@ class LoadConfig:
     allow_pickle: bool = False
     """Allow loading pickle (`.bin`) weights, which can run code when loaded."""
     quantize: str | None = None
-    """int8 / int4: int8 or 4-bit weights for CPU inference (faster decoding, higher perplexity)."""
+    """f16 / int8 / int4: float16, int8 or 4-bit weights for CPU inference, float32 around the
+    products (faster decoding; int8 and int4 cost some perplexity)."""
 
     def __post_init__(self) -> None:
         check_device(self.device)
@@ -67,9 +68,9 @@ class LoadConfig:
             "use auto, float32, bfloat16 or float16",
         )
         _check(
-            self.quantize in (None, "int8", "int4"),
+            self.quantize in (None, "f16", "int8", "int4"),
             f"unknown --quantize {self.quantize!r}",
-            "use int8 or int4",
+            "use f16, int8 or int4",
         )
         if self.quantize is not None:
             _check(

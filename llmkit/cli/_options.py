@@ -30,8 +30,8 @@ QuantizeOpt = Annotated[
     str | None,
     typer.Option(
         "--quantize",
-        help="int8 or int4: int8 (fbgemm) or 4-bit (groups of 32) weights on the CPU — faster decoding, "
-        "slightly higher perplexity (int4 more so).",
+        help="f16, int8 or int4: float16, int8 (fbgemm) or 4-bit (groups of 32) weights on the CPU, "
+        "float32 around them — faster decoding; int8 and int4 cost some perplexity.",
         show_default=False,
     ),
 ]
