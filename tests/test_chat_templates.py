@@ -196,6 +196,24 @@ def test_lora_refuses_a_template_that_adds_tokens(cli, tiny_model: Path, tmp_pat
     assert "--chat-template zephyr" in result.stderr
 
 
+def test_lora_with_zephyr_saves_the_template_with_the_adapter(cli, tiny_model: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    data = tmp_path / "text.txt"
+    data.write_text("The cat sees the moon.\n" * 50)
+    out = tmp_path / "adapter"
+    flags = ("--lora", "--chat-template", "zephyr", "--max-steps", "2")
+    result = cli(*finetune_args(data, out, tiny_model, *flags))
+    assert result.exit_code == 0, result.stderr
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.apply_chat_template(CONVERSATION, tokenize=False) == EXPECTED["zephyr"]
+    piped = "\n".join(json.dumps(m) for m in CONVERSATION[:2]) + "\n"
+    result = cli("-v", "chat", "-m", out, "--greedy", "-n", "3", input=piped)
+    assert result.exit_code == 0, result.stderr
+    prompt = tok.apply_chat_template(CONVERSATION[:2], add_generation_prompt=True)["input_ids"]
+    assert f"{len(prompt)} prompt tokens" in result.stderr  # the adapter's template, no flag
+
+
 def test_no_template_hint_names_the_option(cli, tiny_model: Path) -> None:
     result = cli("chat", "-m", tiny_model, input="Hello\n")
     assert result.exit_code == 1 and "Hint: pass --chat-template chatml" in result.stderr
