@@ -134,6 +134,23 @@ def test_chat_uses_the_saved_template_with_no_flag(chatml_run: Path) -> None:
     assert result.stdout == expected + "\n"
 
 
+def test_chat_template_overrides_the_models_own(chatml_run: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from llmkit.templates import ZEPHYR
+
+    piped = "\n".join(json.dumps(m) for m in CONVERSATION[:2]) + "\n"
+    result = run_llmkit(
+        "-v", "chat", "-m", chatml_run, "--chat-template", "zephyr", "--greedy", "-n", "2", input=piped
+    )
+    assert result.returncode == 0, result.stderr
+    tok = AutoTokenizer.from_pretrained(chatml_run)
+    own = tok.apply_chat_template(CONVERSATION[:2], add_generation_prompt=True)["input_ids"]
+    tok.chat_template = ZEPHYR
+    zephyr = tok.apply_chat_template(CONVERSATION[:2], add_generation_prompt=True)["input_ids"]
+    assert len(own) != len(zephyr) and f"{len(zephyr)} prompt tokens" in result.stderr
+
+
 def test_chat_template_on_a_model_without_one(cli, tiny_model: Path) -> None:
     piped = json.dumps({"role": "user", "content": "Hello"}) + "\n"
     result = cli("chat", "-m", tiny_model, "--chat-template", "chatml", "--greedy", "-n", "4", input=piped)
