@@ -231,6 +231,26 @@ def test_lora_with_zephyr_saves_the_template_with_the_adapter(cli, tiny_model: P
     assert f"{len(prompt)} prompt tokens" in result.stderr  # the adapter's template, no flag
 
 
+def test_a_resumed_chatml_run_is_the_uninterrupted_one(cli, tiny_model: Path, tmp_path: Path) -> None:
+    """The checkpoint holds the grown embeddings: a resume re-applies the template, then loads them."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    data = tmp_path / "text.txt"
+    data.write_text("The cat sees the moon. A dog likes the sea.\n" * 50)
+    flags = ("--chat-template", "chatml", "--max-steps", "4", "--save-every", "2")
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert cli(*finetune_args(data, whole, tiny_model, *flags)).exit_code == 0
+    resumed.mkdir()
+    shutil.copytree(whole / "checkpoints" / "step-2", resumed / "checkpoints" / "step-2")
+    result = cli(*finetune_args(data, resumed, tiny_model, *flags, "--resume"))
+    assert result.exit_code == 0, result.stderr
+    assert "resuming from" in result.stderr and "at step 2/4" in result.stderr
+    a, b = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
 def test_no_template_hint_names_the_option(cli, tiny_model: Path) -> None:
     result = cli("chat", "-m", tiny_model, input="Hello\n")
     assert result.exit_code == 1 and "Hint: pass --chat-template chatml" in result.stderr
