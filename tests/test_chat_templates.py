@@ -204,6 +204,17 @@ def test_a_jinja_file_and_bad_ones(cli, tiny_model: Path, tmp_path: Path) -> Non
     assert "chatml, zephyr" in result.stderr
 
 
+def test_serve_and_remote_chat_refuse_before_loading(cli, tmp_path: Path) -> None:
+    # No model is loaded (-m names nothing that exists): the template is checked first.
+    result = cli("serve", "-m", tmp_path / "nowhere", "--port", "0", "--chat-template", tmp_path / "x.jinja")
+    assert (
+        result.exit_code == 2 and "--chat-template" in result.stderr and "no such template" in result.stderr
+    )
+    piped = json.dumps({"role": "user", "content": "Hello"}) + "\n"
+    result = cli("chat", "--server", "http://127.0.0.1:9", "--chat-template", "chatml", input=piped)
+    assert result.exit_code == 2 and "start the server with it" in result.stderr
+
+
 def test_lora_refuses_a_template_that_adds_tokens(cli, tiny_model: Path, tmp_path: Path) -> None:
     data = tmp_path / "text.txt"
     data.write_text("The cat sees the moon.\n" * 50)
