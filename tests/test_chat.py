@@ -181,6 +181,16 @@ def test_piped_conversation_gets_transformers_greedy_reply(cli, chat_model: Path
     assert plain.stdout == transformers_reply(chat_model, one_turn, 20) + "\n"
 
 
+def test_default_reply_length_fits_a_small_context(cli, chat_model: Path) -> None:
+    """The 256-token default is not the user's choice: a 128-token model replies in up to 32."""
+    result = cli("chat", "-m", chat_model, *GREEDY, input=jsonl(CONVERSATION))
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == transformers_reply(chat_model, CONVERSATION, 32) + "\n"
+    asked = cli("chat", "-m", chat_model, "-n", "256", *GREEDY, input=jsonl(CONVERSATION))
+    assert asked.exit_code == 2
+    assert "leaves no room for a prompt" in asked.stderr
+
+
 def test_broken_conversation_is_refused_before_loading(cli, chat_model: Path) -> None:
     result = cli("chat", "-m", chat_model, input='{"role": "user", "content": "Hi"}\n{"role": "user"}\n')
     assert result.exit_code == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import signal
 import sys
 import threading
@@ -56,7 +57,9 @@ def _reworded(name: str, help: str) -> Any:
     return Annotated[kind, info]
 
 
-MaxNewTokensOpt = _reworded("max_new_tokens", "The longest reply, in tokens.")
+MaxNewTokensOpt = _reworded(
+    "max_new_tokens", "The longest reply, in tokens (256, or a quarter of a context of 256 or less)."
+)
 MinNewTokensOpt = _FLAGS["min_new_tokens"]
 TemperatureOpt = _FLAGS["temperature"]
 TopKOpt = _FLAGS["top_k"]
@@ -162,6 +165,11 @@ def chat(
         template = resolve_chat_template(chat_template)
         lm = load_model(load_config(model, device, dtype, offline, allow_pickle, quantize))
         use_chat_template(lm, template, quantize)
+        if max_new_tokens >= lm.context and not _generate._given(ctx, "max_new_tokens"):
+            # The default reply length is not the user's choice: a small model gets a quarter of its context,
+            # leaving the rest to the conversation.
+            max_new_tokens = max(1, lm.context // 4)
+            cfg = dataclasses.replace(cfg, max_new_tokens=max_new_tokens)
         backend = LocalChat(lm, cfg)
         name = f"{lm.source.name} (context {lm.context:,} tokens)"
     if backend.seed is not None:
