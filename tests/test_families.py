@@ -209,13 +209,12 @@ def test_int8_runs_and_scores_near_float32(family, cli, tmp_path: Path) -> None:
     assert json.loads(got.stdout)["completion_tokens"] == 6
 
 
-@pytest.mark.slow  # 10-40 s on a busy 2-core CPU with a cold inductor cache
-def test_compiled_greedy_text_is_eager_greedy_text(cli, tmp_path: Path) -> None:
-    """On Qwen2 only: compiling costs 10-40 s a family on a CPU, and the decoding step it compiles is
-    the same code path for every family (test_generate.py compiles GPT-2's)."""
+@pytest.mark.slow  # 10-40 s a family on a busy 2-core CPU with a cold inductor cache
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3"])
+def test_compiled_greedy_text_is_eager_greedy_text(cli, tmp_path: Path, family: str) -> None:
     from torch._dynamo.utils import counters
 
-    path = build_tiny_family(tmp_path / "qwen2", "qwen2")
+    path = build_tiny_family(tmp_path / family, family)
     args = [
         "generate",
         "-m",
