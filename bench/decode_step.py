@@ -26,7 +26,7 @@ ROUNDS = 5
 NEW_TOKENS = 64
 
 
-def best(fn: Callable[[], Any]) -> float:
+def seconds(fn: Callable[[], Any]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
@@ -135,7 +135,7 @@ def main() -> None:
             fn()  # warm-up
         for _ in range(ROUNDS):
             for name, fn in contenders.items():
-                times[name].append(best(fn) / per_token[name])
+                times[name].append(seconds(fn) / per_token[name])
     ms = {name: min(t) * 1e3 for name, t in times.items()}
     print(f"threads: {torch.get_num_threads()}; best of {ROUNDS} alternated rounds, ms per token")
     print(

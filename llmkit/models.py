@@ -344,7 +344,7 @@ def load(cfg: LoadConfig) -> LoadedModel:
     elif cfg.quantize == "int4":
         from llmkit.quantize import int4_weight_only
 
-        model, _kept = int4_weight_only(model)
+        model = int4_weight_only(model)
     elif cfg.quantize == "f16":
         from llmkit.quantize import f16_weights
 

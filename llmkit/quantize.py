@@ -10,13 +10,16 @@ quantizer doesn't know, so they become `nn.Linear` first.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
+
+import torch  # imported only when a model is being quantized (inside models.load)
+from torch import nn
 
 from llmkit.errors import LlmkitError
 
 
 def _conv1d_to_linear(model: Any) -> None:
-    from torch import nn
     from transformers.pytorch_utils import Conv1D
 
     for parent in list(model.modules()):
@@ -31,9 +34,6 @@ def _conv1d_to_linear(model: Any) -> None:
 
 def int8_dynamic(model: Any) -> Any:
     """The float32 model with every Linear layer (the LM head included) in int8; embeddings stay."""
-    import torch
-    from torch import nn
-
     quantize_dynamic = getattr(getattr(torch.ao, "quantization", None), "quantize_dynamic", None)
     if quantize_dynamic is None or "fbgemm" not in torch.backends.quantized.supported_engines:
         raise LlmkitError(
@@ -53,108 +53,91 @@ def int8_dynamic(model: Any) -> Any:
 INT4_GROUP = 32
 
 
-def _int4_linear(linear: Any, group: int) -> Any:
-    import torch
-    from torch import nn
+class Int4Linear(nn.Module):
+    """y = x·Wᵀ + b with W in 4 bits, per group: w = (q - 8)·scale + zero (torch's CPU kernel).
 
-    class Int4Linear(nn.Module):
-        """y = x·Wᵀ + b with W in 4 bits, per group: w = (q - 8)·scale + zero (torch's CPU kernel).
+    The kernel is fast only with bf16 inputs, so the input is cast at the product and the output
+    cast back: norms, attention and the residual stream stay float32.
+    """
 
-        The kernel is fast only with bf16 inputs, so the input is cast at the product and the output
-        cast back: norms, attention and the residual stream stay float32.
-        """
+    def __init__(self, linear: nn.Linear, group: int = INT4_GROUP) -> None:
+        super().__init__()
+        w = linear.weight.detach().float()
+        self.out_features, self.in_features = w.shape
+        self.group = group
+        w = nn.functional.pad(w, (0, 0, 0, -self.out_features % 16))  # the kernel packs 16 rows at a time
+        groups = w.reshape(w.shape[0], self.in_features // group, group)
+        low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+        scale = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
+        q = torch.clamp(torch.round((groups - low) / scale), 0, 15).to(torch.int32).reshape(w.shape)
+        zero = low + 8 * scale
+        scales_zeros = torch.stack([scale.squeeze(-1).t(), zero.squeeze(-1).t()], -1)
+        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q, 1))
+        self.register_buffer("scales_zeros", scales_zeros.to(torch.bfloat16).contiguous())
+        self.bias = (
+            None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+        )
 
-        def __init__(self, packed: Any, scales_zeros: Any, bias: Any, in_features: int, out_features: int):
-            super().__init__()
-            self.register_buffer("packed", packed)
-            self.register_buffer("scales_zeros", scales_zeros)
-            self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-            self.in_features, self.out_features = in_features, out_features
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scales_zeros)
+        y = y[:, : self.out_features].to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
 
-        def forward(self, x: Any) -> Any:
-            flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-            y = torch._weight_int4pack_mm_for_cpu(flat, self.packed, group, self.scales_zeros)
-            y = y[:, : self.out_features].to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias
-
-        def extra_repr(self) -> str:
-            return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {group}"
-
-    w = linear.weight.detach().float()
-    out_features, in_features = w.shape
-    w = torch.nn.functional.pad(w, (0, 0, 0, -out_features % 16))  # the kernel packs 16 rows at a time
-    groups = w.reshape(w.shape[0], in_features // group, group)
-    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
-    scale = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
-    q = torch.clamp(torch.round((groups - low) / scale), 0, 15).to(torch.int32).reshape(w.shape)
-    packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
-    zero = low + 8 * scale
-    scales_zeros = torch.stack([scale.squeeze(-1).t(), zero.squeeze(-1).t()], -1).to(torch.bfloat16)
-    bias = None if linear.bias is None else linear.bias.detach().float()
-    return Int4Linear(packed, scales_zeros.contiguous(), bias, in_features, out_features)
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {self.group}"
+        )
 
 
-def int4_weight_only(model: Any, group: int = INT4_GROUP) -> tuple[Any, list[str]]:
+class F16Linear(nn.Module):
+    """y = x·Wᵀ + b with W stored in float16 and everything around the product in float32.
+
+    One-row products read the weights once each: half the bytes of float32 is what buys the speed,
+    and the CPU's one-row f16 product (oneDNN) is twice as fast as its bf16 one on the CPUs measured.
+    Norms, attention and the residual stream stay float32, so the model is closer to float32 than a
+    bf16 model is.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.register_buffer("weight", linear.weight.detach().to(torch.float16))
+        self.bias = (
+            None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+        )
+        self.out_features, self.in_features = self.weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.linear(x.to(torch.float16), self.weight).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, float16 weights"
+
+
+def _replace_linears(model: Any, make: Callable[[nn.Linear], nn.Module | None]) -> None:
+    """Every Linear layer (GPT-2's Conv1D ones first made Linear) replaced by `make(layer)`, except
+    those it returns None for."""
+    _conv1d_to_linear(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and (replacement := make(child)) is not None:
+                setattr(parent, name, replacement)
+
+
+def int4_weight_only(model: Any, group: int = INT4_GROUP) -> Any:
     """The float32 model with every Linear layer whose inputs split into groups (the LM head too) in
-    4 bits; returns it and the names of the layers kept in float32."""
-    import torch
-    from torch import nn
-
+    4 bits; a layer whose inputs don't split into groups stays float32."""
     if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
         raise LlmkitError(
             f"--quantize int4 needs torch's CPU int4 kernel, which torch {torch.__version__} lacks",
             "drop --quantize or use --quantize int8",
         )
-    _conv1d_to_linear(model)
-    kept = []
-    for parent_name, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                if child.in_features % group:
-                    kept.append(f"{parent_name}.{name}".lstrip("."))
-                    continue
-                setattr(parent, name, _int4_linear(child, group))
-    return model, kept
-
-
-def _f16_linear(linear: Any) -> Any:
-    import torch
-    from torch import nn
-
-    class F16Linear(nn.Module):
-        """y = x·Wᵀ + b with W stored in float16 and everything around the product in float32.
-
-        One-row products read the weights once each: half the bytes of float32 is what buys the
-        speed, and the CPU's f16 product (oneDNN) is twice as fast as its bf16 one for a single row
-        on the CPUs measured. Norms, attention and the residual stream stay float32, so the model is
-        closer to float32 than a bf16 model is.
-        """
-
-        def __init__(self, weight: Any, bias: Any) -> None:
-            super().__init__()
-            self.register_buffer("weight", weight)
-            self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-            self.out_features, self.in_features = weight.shape
-
-        def forward(self, x: Any) -> Any:
-            y = torch.nn.functional.linear(x.to(torch.float16), self.weight).to(x.dtype)
-            return y if self.bias is None else y + self.bias
-
-        def extra_repr(self) -> str:
-            return f"in_features={self.in_features}, out_features={self.out_features}, float16 weights"
-
-    weight = linear.weight.detach().to(torch.float16)
-    bias = None if linear.bias is None else linear.bias.detach().float()
-    return F16Linear(weight, bias)
+    _replace_linears(model, lambda layer: None if layer.in_features % group else Int4Linear(layer, group))
+    return model
 
 
 def f16_weights(model: Any) -> Any:
     """The float32 model with every Linear layer's weight (the LM head's too) stored in float16."""
-    from torch import nn
-
-    _conv1d_to_linear(model)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, _f16_linear(child))
+    _replace_linears(model, F16Linear)
     return model
