@@ -26,6 +26,9 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 # unless they ask otherwise (tests/test_precision.py), so every machine computes the same numbers.
 # Set here, not only per test: module- and session-scoped fixtures run before function-scoped ones.
 os.environ["LLMKIT_CPU_BF16"] = "0"
+# Likewise serve's few-row products (llmkit/products.py): the weight-left form on every machine, so the
+# path a fast-BLAS CPU skips is still tested; tests/test_products.py checks the measurement itself.
+os.environ["LLMKIT_WEIGHT_LEFT"] = "1"
 
 
 @pytest.fixture(autouse=True)
@@ -40,6 +43,7 @@ def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("LLMKIT_MODEL", raising=False)
     monkeypatch.delenv("LLMKIT_DEBUG", raising=False)
     monkeypatch.setenv("LLMKIT_CPU_BF16", "0")  # back to the default, whatever a test changed
+    monkeypatch.setenv("LLMKIT_WEIGHT_LEFT", "1")
 
 
 @pytest.fixture(scope="session")

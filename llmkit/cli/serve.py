@@ -84,6 +84,11 @@ def serve(
     lm = load_model(load_config(model, device, dtype, offline, allow_pickle, quantize))
     use_chat_template(lm, template, quantize)  # before the engine reads its stops
     engine = Engine(lm, max_batch=batch_size or AUTO_BATCH.get(lm.device.type, 16))
+    if engine.weight_left_layers:
+        out.detail(
+            f"{engine.weight_left_layers} float32 layers multiply batches with the weight on the left "
+            "(faster on this CPU)"
+        )
     access = out.console().print if out.settings.verbose else None
     app = create_app(engine, model, api_key, int(max_body_mb * 2**20), access_log=_plain(access), ui=ui)
     engine.start()
