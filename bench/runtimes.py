@@ -139,8 +139,10 @@ def llmkit_contenders(model: Path) -> dict[str, Any]:
     from llmkit.config import GenerateConfig, LoadConfig
     from llmkit.generation import Generator, Prompt
     from llmkit.models import load
+    from llmkit.products import one_row_head
 
     loads = {
+        "float32, torch's LM head": LoadConfig(model=str(model), dtype="float32"),
         "float32": LoadConfig(model=str(model), dtype="float32"),
         "defaults": LoadConfig(model=str(model)),
         "--quantize f16": LoadConfig(model=str(model), quantize="f16"),
@@ -152,6 +154,8 @@ def llmkit_contenders(model: Path) -> dict[str, Any]:
     contenders = {}
     for name, cfg in loads.items():
         lm = load(cfg)
+        if not name.endswith("torch's LM head"):
+            one_row_head(lm.model, lm.device)  # as `llmkit generate` does (products.py)
         if name == "defaults":
             name = f"defaults ({str(lm.dtype).removeprefix('torch.')})"
         ids = list(range(100, 100 + PROMPT_TOKENS))

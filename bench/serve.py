@@ -273,5 +273,55 @@ def main() -> None:
     save("serve", results)
 
 
+def alternated(rounds: int = 5, levels: tuple[int, ...] = (1, 4)) -> None:
+    """`--alternate`: llmkit and `transformers serve --continuous-batching` up side by side, float32,
+    measured in turn at 1 and 4 clients `rounds` times: single runs at few clients are too short to
+    rank the two on a noisy machine."""
+    print(describe_machine())
+    model_dir = str(gpt2_small())
+    port = free_port()
+    servers = {
+        "llmkit": Running(
+            [str(BIN / "llmkit"), "serve", "-m", model_dir, "--port", "0", "--dtype", "float32"],
+            None,
+            r"listening on (http://\S+) ",
+        ),
+        "transformers --continuous-batching": Running(
+            [
+                *(str(BIN / "transformers"), "serve", model_dir, "--port", str(port)),
+                *("--device", "cpu", "--dtype", "float32", "--continuous-batching"),
+            ],
+            f"http://127.0.0.1:{port}",
+            r"Uvicorn running on",
+        ),
+    }
+    runs: dict[str, dict[int, list[float]]] = {name: {c: [] for c in levels} for name in servers}
+    try:
+        for server in servers.values():
+            assert server.url is not None
+            stream(server.url, request_body(model_dir, 999))
+        for _ in range(rounds):
+            for clients in levels:
+                for name, server in servers.items():
+                    assert server.url is not None
+                    got = at_concurrency(server.url, model_dir, clients)
+                    runs[name][clients].append(got["tokens_per_s"])
+    finally:
+        for server in servers.values():
+            server.stop()
+    ratios = {}
+    for clients in levels:
+        ours, theirs = (statistics.median(runs[n][clients]) for n in servers)
+        ratios[clients] = ours / theirs
+        print(
+            f"{clients} client{'s' if clients > 1 else ''}: llmkit {ours:.1f} tok/s, continuous batching "
+            f"{theirs:.1f} (medians of {rounds}, alternated): {ratios[clients]:.2f}x (target >= 1)"
+        )
+    save("serve_alternated", {"rounds": rounds, "tokens_per_s": runs, "ratios": ratios})
+
+
 if __name__ == "__main__":
-    main()
+    if "--alternate" in sys.argv[1:]:
+        alternated()
+    else:
+        main()

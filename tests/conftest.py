@@ -29,6 +29,7 @@ os.environ["LLMKIT_CPU_BF16"] = "0"
 # Likewise serve's few-row products (llmkit/products.py): the weight-left form on every machine, so the
 # path a fast-BLAS CPU skips is still tested; tests/test_products.py checks the measurement itself.
 os.environ["LLMKIT_WEIGHT_LEFT"] = "1"
+os.environ["LLMKIT_ONE_ROW_HEAD"] = "1"
 
 
 @pytest.fixture(autouse=True)
@@ -44,6 +45,7 @@ def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("LLMKIT_DEBUG", raising=False)
     monkeypatch.setenv("LLMKIT_CPU_BF16", "0")  # back to the default, whatever a test changed
     monkeypatch.setenv("LLMKIT_WEIGHT_LEFT", "1")
+    monkeypatch.setenv("LLMKIT_ONE_ROW_HEAD", "1")
 
 
 @pytest.fixture(scope="session")

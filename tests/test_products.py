@@ -63,3 +63,41 @@ def test_the_choice_is_measured_unless_forced(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("LLMKIT_WEIGHT_LEFT", "yes")
     assert products.weight_left_faster() is True and calls == [1]
     assert isinstance(real(), bool)  # the real probe runs (its answer is the CPU's)
+
+
+def test_one_row_head_gives_the_same_logits_and_keeps_the_tie(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from llmkit.products import OneRowHead, one_row_head, weight_left
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    model = copy.deepcopy(base)
+    assert one_row_head(model, torch.device("cpu"))
+    assert isinstance(model.lm_head, OneRowHead) and model.lm_head.weight is model.transformer.wte.weight
+    assert not one_row_head(model, torch.device("cpu"))  # once
+    ids = torch.randint(0, base.config.vocab_size, (2, 7))
+    with torch.inference_mode():
+        for batch in (ids[:1], ids):  # one row (the copy) and two (the tied weight)
+            got, want = model(batch, logits_to_keep=1).logits, base(batch, logits_to_keep=1).logits
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        greedy = {"max_new_tokens": 40, "do_sample": False, "pad_token_id": 0}
+        assert torch.equal(model.generate(ids[:1], **greedy), base.generate(ids[:1], **greedy))
+
+    # serve's engine: the copy for one row, the weight on the left for more.
+    assert (
+        weight_left(model, torch.device("cpu")) == 4 * base.config.n_layer + 1 and model.lm_head.weight_left
+    )
+    with torch.inference_mode():
+        for batch in (ids[:1], ids):
+            got, want = model(batch).logits, base(batch).logits
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+    monkeypatch.setenv("LLMKIT_ONE_ROW_HEAD", "0")
+    assert not one_row_head(copy.deepcopy(base), torch.device("cpu"))
+    monkeypatch.delenv("LLMKIT_ONE_ROW_HEAD")
+    measured = copy.deepcopy(base)  # decided by timing the model's own head: either answer is right
+    assert one_row_head(measured, torch.device("cpu")) == isinstance(measured.lm_head, OneRowHead)
+    monkeypatch.setenv("LLMKIT_ONE_ROW_HEAD", "1")
+    assert not one_row_head(copy.deepcopy(base).to(torch.bfloat16), torch.device("cpu"))

@@ -165,6 +165,9 @@ def chat(
         template = resolve_chat_template(chat_template)
         lm = load_model(load_config(model, device, dtype, offline, allow_pickle, quantize))
         use_chat_template(lm, template, quantize)
+        from llmkit.products import one_row_head
+
+        one_row_head(lm.model, lm.device)  # after any resize: the copy is of the final head
         if max_new_tokens >= lm.context and not _generate._given(ctx, "max_new_tokens"):
             # The default reply length is not the user's choice: a small model gets a quarter of its context,
             # leaving the rest to the conversation.

@@ -223,8 +223,11 @@ def generate(
     else:
         from llmkit.cli._loading import load_model
         from llmkit.generation import Generator
+        from llmkit.products import one_row_head
 
-        gen = Generator(load_model(load_cfg), cfg, warn=out.warn, time_first_token=summary)
+        lm = load_model(load_cfg)
+        one_row_head(lm.model, lm.device)  # this process only decodes: batch-1's largest product, faster
+        gen = Generator(lm, cfg, warn=out.warn, time_first_token=summary)
         if cfg.compile:
             out.say(
                 "compiling… (--compile: the decoding step compiles after the first token, "

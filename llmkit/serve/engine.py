@@ -242,10 +242,12 @@ class Engine:
         self.device = lm.device
         self.context = lm.context
         self.max_batch = max_batch
-        from llmkit.products import weight_left
+        from llmkit.products import one_row_head, weight_left
 
         # Decoding steps multiply a few rows by every weight: put the weight on the left where the
-        # CPU's BLAS is faster so (products.py); the model belongs to the engine from here on.
+        # CPU's BLAS is faster so, and give one row (a lone sequence) the head's transposed copy
+        # (products.py). The model belongs to the engine from here on: it is never trained again.
+        one_row_head(lm.model, lm.device)
         self.weight_left_layers = weight_left(lm.model, lm.device)
         eos = lm.model.generation_config.eos_token_id
         if eos is None:
