@@ -320,8 +320,36 @@ def alternated(rounds: int = 5, levels: tuple[int, ...] = (1, 4)) -> None:
     save("serve_alternated", {"rounds": rounds, "tokens_per_s": runs, "ratios": ratios})
 
 
+def builtin_ratio(rounds: int = 5) -> None:
+    """`--builtin`: the built-in model at serve's defaults, 1 and 16 clients in turn `rounds` times
+    (target: 16 clients >= 8x one client's tokens/s)."""
+    print(describe_machine())
+    server = Running(
+        [str(BIN / "llmkit"), "serve", "-m", "tiny-shakespeare", "--port", "0"],
+        None,
+        r"listening on (http://\S+) ",
+    )
+    runs: dict[int, list[float]] = {1: [], 16: []}
+    try:
+        assert server.url is not None
+        stream(server.url, request_body("tiny-shakespeare", 999))
+        for _ in range(rounds):
+            for clients in runs:
+                runs[clients].append(at_concurrency(server.url, "tiny-shakespeare", clients)["tokens_per_s"])
+    finally:
+        server.stop()
+    one, sixteen = (statistics.median(runs[c]) for c in (1, 16))
+    print(
+        f"built-in model: 1 client {one:.1f} tok/s, 16 clients {sixteen:.1f} (medians of {rounds}, "
+        f"alternated): {sixteen / one:.2f}x (target >= 8)"
+    )
+    save("serve_builtin", {"rounds": rounds, "tokens_per_s": runs, "ratio": sixteen / one})
+
+
 if __name__ == "__main__":
     if "--alternate" in sys.argv[1:]:
         alternated()
+    elif "--builtin" in sys.argv[1:]:
+        builtin_ratio()
     else:
         main()
