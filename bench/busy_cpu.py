@@ -8,7 +8,8 @@ pure Python, as any CPU-bound neighbour would):
 
 - default: torch's threads (one per core), OpenMP's default wait policy;
 - OMP_WAIT_POLICY=PASSIVE: the same threads, sleeping instead of spinning while they wait;
-- OMP_NUM_THREADS=1: one thread, nothing to wait for (what `llmkit --threads 1` sets).
+- OMP_NUM_THREADS=1: one thread, nothing to wait for (what `llmkit --threads 1` sets);
+- GOMP_SPINCOUNT=10000 / 100000: libgomp's bounded spin (spin that many rounds, then sleep).
 
 Workloads, in one worker process per variant (the environment applies when torch starts), timed
 after loading: greedy decoding of 32 tokens with the built-in model at `--dtype auto`, perplexity
@@ -35,6 +36,8 @@ VARIANTS = {
     "default": {},
     "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
     "OMP_NUM_THREADS=1": {"OMP_NUM_THREADS": "1"},
+    "GOMP_SPINCOUNT=10000": {"GOMP_SPINCOUNT": "10000"},
+    "GOMP_SPINCOUNT=100000": {"GOMP_SPINCOUNT": "100000"},
 }
 # One worker per variant, started once (the environment must be there when torch starts), then
 # measuring each time it reads a line: start-up and loading are not timed, and not repeated.

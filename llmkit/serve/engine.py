@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from llmkit.generation import find_stop, held_back
 from llmkit.serve.kvcache import new_cache
 from llmkit.serve.sampling import Sampler, SamplingParams, pick_batch
+from llmkit.serve.threads import ThreadTuner, for_engine
 from llmkit.special import bos_id
 
 if TYPE_CHECKING:
@@ -235,7 +236,9 @@ class Sequence:
 class Engine:
     """Owns the model on one worker thread; `submit` and `cancel` are safe from any thread."""
 
-    def __init__(self, lm: LoadedModel, max_batch: int = 16) -> None:
+    def __init__(self, lm: LoadedModel, max_batch: int = 16, tuner: ThreadTuner | None = None) -> None:
+        import torch
+
         self.lm = lm
         self.model = lm.model
         self.tokenizer = lm.tokenizer
@@ -264,16 +267,20 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="llmkit-engine", daemon=True)
         self.steps = 0
         self.tokens_generated = 0
+        self.tuner = tuner or for_engine(torch.get_num_threads())
+        self._threads = 0  # the worker thread sets its own count on its first step
         # Test hook: seconds to sleep per decoding step, so tests can act while a request is in flight.
         self._step_delay = float(os.environ.get("LLMKIT_TEST_STEP_DELAY", "0") or 0)
 
-    def stats(self) -> dict[str, int]:
-        """For /health: sequences decoding and waiting, decoding steps and tokens so far."""
+    def stats(self) -> dict[str, Any]:
+        """For /health: sequences decoding and waiting, decoding steps and tokens so far, and the
+        thread count chosen for each batch size measured so far."""
         return {
             "running": len(self._rows),
             "waiting": len(self._pending),
             "steps": self.steps,
             "tokens_generated": self.tokens_generated,
+            "threads": self.tuner.choices(),
         }
 
     def start(self) -> None:
@@ -343,13 +350,27 @@ class Engine:
     def _step(self, new: list[Sequence]) -> None:
         self._drop()
         if new:
+            self._use_threads(self.tuner.most)  # a prompt's many columns keep every thread busy
             self._prefill(new)
         if self._rows:
+            rows = len(self._rows)
+            threads = self.tuner.most if new else self.tuner.choose(rows)
+            self._use_threads(threads)
+            started = time.perf_counter()
             self._decode()
+            if not new:
+                self.tuner.record(rows, threads, time.perf_counter() - started)
             self.steps += 1
             if self._step_delay:
                 time.sleep(self._step_delay)
         self._drop()
+
+    def _use_threads(self, threads: int) -> None:
+        import torch
+
+        if threads != self._threads:
+            torch.set_num_threads(threads)
+            self._threads = threads
 
     def _prefill(self, new: list[Sequence]) -> None:
         import torch

@@ -177,6 +177,9 @@ class Health(Sent):
     waiting: int = Field(ge=0, description="Sequences queued for a place in the batch.")
     steps: int = Field(ge=0, description="Decoding steps since start.")
     tokens_generated: int = Field(ge=0)
+    threads: dict[str, int] = Field(
+        description='CPU threads chosen for decoding steps, by batch size ("1", "2-3", …), once measured.'
+    )
 
 
 class ErrorDetail(Sent):

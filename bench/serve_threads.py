@@ -1,0 +1,92 @@
+"""`llmkit serve` with the engine choosing its thread count per batch size (llmkit/serve/threads.py)
+against the same server pinned to torch's threads (`LLMKIT_SERVE_THREADS=<cores>`, what it did
+before), on the built-in model at serve's defaults and on GPT-2 small's shape in float32.
+
+Both servers of a model run at once and take turns, round by round, at 1 and 16 clients streaming
+64 sampled tokens each, so drift in the machine hits them alike; medians of the rounds. The chosen
+counts are read from `/health` at the end.
+
+    python -m bench.serve_threads            # about 3 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import urllib.request
+from typing import Any
+
+from bench.common import describe_machine, gpt2_small, save, table
+from bench.serve import BIN, Running, at_concurrency, request_body, stream
+
+ROUNDS = 3
+LEVELS = (1, 16)
+
+
+def compare(model: str, extra: list[str], threads: int) -> dict[str, Any]:
+    argv = [str(BIN / "llmkit"), "serve", "-m", model, "--port", "0", *extra]
+    servers = {
+        "chosen per batch size": Running(argv, None, r"listening on (http://\S+) "),
+        f"pinned to {threads} threads": Running(
+            argv, None, r"listening on (http://\S+) ", env={"LLMKIT_SERVE_THREADS": str(threads)}
+        ),
+    }
+    rates: dict[str, dict[int, list[float]]] = {name: {c: [] for c in LEVELS} for name in servers}
+    try:
+        for server in servers.values():
+            assert server.url is not None
+            stream(server.url, request_body(model, 999))
+        for r in range(ROUNDS):
+            order = list(servers.items()) if r % 2 == 0 else list(reversed(servers.items()))
+            for clients in LEVELS:
+                for name, server in order:
+                    assert server.url is not None
+                    rates[name][clients].append(at_concurrency(server.url, model, clients)["tokens_per_s"])
+        health = {}
+        for name, server in servers.items():
+            with urllib.request.urlopen(f"{server.url}/health", timeout=30) as answer:
+                health[name] = json.loads(answer.read())["threads"]
+    finally:
+        for server in servers.values():
+            server.stop()
+    medians = {name: {c: statistics.median(v) for c, v in by.items()} for name, by in rates.items()}
+    return {"tokens_per_s": rates, "medians": medians, "threads_chosen": health}
+
+
+def main() -> None:
+    import torch
+
+    print(describe_machine())
+    threads = torch.get_num_threads()
+    models = {
+        "tiny-shakespeare (serve's defaults)": ("tiny-shakespeare", []),
+        "GPT-2 small shape, float32": (str(gpt2_small()), ["--dtype", "float32"]),
+    }
+    if "--builtin" in sys.argv[1:]:
+        models = dict(list(models.items())[:1])
+    results = {}
+    rows = [("model", "server", "1 client tok/s", "16 clients tok/s", "16 vs 1", "chosen")]
+    for label, (model, extra) in models.items():
+        got = results[label] = compare(model, extra, threads)
+        base = got["medians"][f"pinned to {threads} threads"]
+        for name, med in got["medians"].items():
+            speed = "" if med is base else f" ({med[1] / base[1]:.2f}x, {med[16] / base[16]:.2f}x)"
+            rows.append(
+                (
+                    label,
+                    name + speed,
+                    f"{med[1]:.1f}",
+                    f"{med[16]:.1f}",
+                    f"{med[16] / med[1]:.2f}x",
+                    json.dumps(got["threads_chosen"][name]),
+                )
+            )
+        print(f"{label}: done", flush=True)
+    print(table(rows))
+    print(f"(medians of {ROUNDS} alternated rounds; 64 sampled tokens per request)")
+    print(f"wrote {save('serve_threads', {'rounds': ROUNDS, 'results': results})}")
+
+
+if __name__ == "__main__":
+    main()
