@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-browser node test lint bench bench-gpu demo clean
+.PHONY: install install-browser node llama-cpp test test-llama-cpp lint bench bench-gpu demo clean
 
 # Optional extras on top, e.g. `make install EXTRAS=tensorboard` (dev, which `make test` uses, has it).
 EXTRAS ?=
@@ -24,6 +24,26 @@ $(STAMP): pyproject.toml
 
 test: install install-browser node
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# `generate --engine llama.cpp`: llama-cpp-python built from its sdist for this CPU (~8 minutes on 2
+# cores), the wheel kept in $(WHEELS) so a second install takes seconds. Not part of `make test`, whose
+# llama.cpp-engine tests skip without it; `make test-llama-cpp` builds it and runs them.
+LLAMA_CPP_PYTHON ?= llama-cpp-python==0.3.36
+WHEELS ?= $(HOME)/.cache/llmkit/wheels
+LLAMA_CPP_CMAKE := -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DMTMD_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF \
+  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
+
+llama-cpp: install
+	@$(BIN)/python -c "import llama_cpp" 2>/dev/null || { \
+	  set -e; mkdir -p $(WHEELS); \
+	  $(BIN)/pip install --quiet --only-binary llama-cpp-python --find-links $(WHEELS) "$(LLAMA_CPP_PYTHON)" 2>/dev/null || { \
+	    echo "building $(LLAMA_CPP_PYTHON) for this CPU (once, ~8 minutes)" >&2; \
+	    CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	      $(BIN)/pip wheel --quiet --no-deps -w $(WHEELS) "$(LLAMA_CPP_PYTHON)"; \
+	    $(BIN)/pip install --quiet --only-binary llama-cpp-python --find-links $(WHEELS) "$(LLAMA_CPP_PYTHON)"; }; }
+
+test-llama-cpp: llama-cpp
+	$(BIN)/python -m pytest -q tests/test_llamacpp.py
 
 # llama.cpp itself, to check `llmkit export` against (tests/test_export.py): node-llama-cpp's prebuilt
 # CPU binaries, pinned (newer releases' lock files may not install here), into a git-ignored folder.

@@ -4,6 +4,10 @@ batch 1, the same number of threads. The yardstick for decoding work, so both si
 - decode: 128 greedy tokens (llmkit: `generate --greedy` at float32, at its defaults — `--dtype auto`,
   bf16 on a CPU that computes it natively — and with `--quantize int8`; llama.cpp: `llama-bench`'s
   tg128 on `llmkit export` files at f32, f16, q8_0 and q4_0).
+- the same decode through the CLI, one process per call as a user runs it, with both engines:
+  `llmkit -v generate … --greedy` at each tier, `--engine torch` and `--engine llama.cpp` (when
+  llama-cpp-python is installed); its reported tokens/s (prefill and first token included).
+  In-process llmkit runs with OpenMP's spinning threads; the CLI's torch engine waits passively.
 - prompt processing: a 512-token prompt (llmkit: the forward pass that yields the first new token;
   llama.cpp: pp512).
 
@@ -17,7 +21,9 @@ Runs alternate (every contender once per round) so drift in the machine's speed 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -175,6 +181,30 @@ def llmkit_contenders(model: Path) -> dict[str, Any]:
     return contenders
 
 
+CLI_TIERS = {
+    "float32": ["--dtype", "float32"],
+    "defaults": [],
+    "--quantize int8": ["--quantize", "int8"],
+    "--quantize int4": ["--quantize", "int4"],
+}
+
+
+def cli_contender(model: Path, options: list[str], cache: Path):
+    """`llmkit -v generate` as a user runs it (its own process: llmkit's thread settings, the engine's
+    wait policy): decode seconds from the tokens/s it reports; no prompt timing (NaN)."""
+    argv = [str(Path(sys.executable).parent / "llmkit"), "-v", "generate", "-m", str(model), "the king"]
+    argv += ["-n", str(NEW_TOKENS), "--min-new-tokens", str(NEW_TOKENS), "--greedy", *options]
+
+    def run() -> tuple[float, float, int]:
+        done = subprocess.run(
+            argv, capture_output=True, text=True, check=True, env={**os.environ, "LLMKIT_CACHE": str(cache)}
+        )
+        rate = float(re.search(r"\(([\d.]+) tokens/s", done.stderr).group(1))  # type: ignore[union-attr]
+        return NEW_TOKENS / rate, math.nan, PROMPT_TOKENS
+
+    return run
+
+
 def native_contender(binary: Path, path: Path, threads: int):
     def run() -> tuple[float, float, int]:
         done = subprocess.run(
@@ -232,6 +262,18 @@ def main(build: bool = True) -> None:
     model = gpt2_small()
     files = gguf_files(model)
     contenders = llmkit_contenders(model)
+    engines = [("torch", [])]
+    try:
+        import llama_cpp  # noqa: F401
+
+        engines.append(("llama.cpp", ["--engine", "llama.cpp"]))
+    except ImportError:
+        print("llama-cpp-python not installed: `generate --engine llama.cpp` is not measured")
+    for engine, flag in engines:
+        for tier, options in CLI_TIERS.items():
+            contenders[f"llmkit generate --engine {engine} {tier}"] = cli_contender(
+                model, [*flag, *options], CACHE / "llmkit-cache"
+            )
     binary = llama_bench(build=build)
     if binary is None:
         print("llama.cpp native build: not available, not measured")
@@ -245,7 +287,7 @@ def main(build: bool = True) -> None:
         print("node-llama-cpp not installed (make node): its prebuilt figures are not measured")
     for name, run in contenders.items():
         if name.startswith("llmkit"):
-            run()  # warm-up (llama-bench warms up itself; node-llama-cpp starts afresh each call)
+            run()  # warm-up, and the GGUF export (llama-bench warms up itself; node-llama-cpp starts afresh)
     decode: dict[str, list[float]] = {name: [] for name in contenders}
     prompt: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(REPEATS):
@@ -268,8 +310,8 @@ def main(build: bool = True) -> None:
                     f"{med_decode[k]:.1f}",
                     f"{min(decode[k]):.0f}-{max(decode[k]):.0f}",
                     f"{med_decode[k] / med_decode[base]:.2f}x",
-                    f"{med_prompt[k]:.0f}",
-                    f"{med_prompt[k] / med_prompt[base]:.2f}x",
+                    "—" if math.isnan(med_prompt[k]) else f"{med_prompt[k]:.0f}",
+                    "" if math.isnan(med_prompt[k]) else f"{med_prompt[k] / med_prompt[base]:.2f}x",
                     f"{sizes[k] / 1e6:.0f}" if k in sizes else "",
                 )
                 for k in contenders

@@ -127,6 +127,15 @@ def generate(
             "seconds on a CPU), then tokens come faster (worth it for long or many generations).",
         ),
     ] = False,
+    engine: Annotated[
+        str,
+        typer.Option(
+            "--engine",
+            help="torch, or llama.cpp: llama.cpp computes the logits on the CPU from a GGUF that llmkit "
+            "exports once per model and tier (float32 → f32, auto → f16, --quantize int8 → q8_0, int4 → "
+            "q4_0); sampling, seeds and stops stay llmkit's. Needs llmkit[llama-cpp].",
+        ),
+    ] = "torch",
     fmt: Annotated[
         str, typer.Option("--format", "-f", help="text or jsonl (one object per sample).")
     ] = "text",
@@ -180,6 +189,13 @@ def generate(
     from llmkit.errors import UsageError
 
     check_format(fmt, ("text", "jsonl"))
+    if engine not in ENGINES:
+        raise UsageError(f"unknown --engine {engine!r}", f"use {' or '.join(ENGINES)}")
+    if engine == "llama.cpp" and not server:
+        from llmkit.hardware import spin_for_llama_cpp
+
+        if spin_for_llama_cpp():  # before anything imports torch
+            out.detail("llama.cpp: OpenMP's default waiting (its barriers spin; passive waiting halves it)")
     if input_file is not None and prompt:
         raise UsageError("pass a prompt or --input, not both")
     if max_length is not None and _given(ctx, "max_new_tokens"):
@@ -219,7 +235,11 @@ def generate(
 
     summary = not out.settings.quiet and (out.settings.verbose or out.stderr_is_terminal())
     if server:
+        if engine != "torch":
+            raise UsageError("--engine applies to a local model", "the server decodes with its own")
         gen: Any = _remote(ctx, server, api_key, cfg, options)
+    elif engine == "llama.cpp":
+        gen = _llama_cpp(load_cfg, cfg, shard, summary)
     else:
         from llmkit.cli._loading import load_model
         from llmkit.generation import Generator
@@ -277,8 +297,60 @@ def generate(
         raise
     finally:
         sink.close()
+        if hasattr(gen, "close"):
+            gen.close()
     if summary:
         _summary(gen, prompts_done, started)
+
+
+ENGINES = ("torch", "llama.cpp")
+
+
+def _llama_cpp(load_cfg: Any, cfg: Any, shard: Any, summary: bool) -> Any:
+    """`generate`'s Generator with llama.cpp computing the logits (llmkit/llamacpp/)."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoConfig, GenerationConfig
+
+    from llmkit.errors import UsageError
+    from llmkit.llamacpp.files import gguf_for, gguf_type
+    from llmkit.llamacpp.generator import Frame, LlamaCppGenerator
+    from llmkit.llamacpp.runtime import LlamaCpp, bindings
+    from llmkit.models import context_length, load_tokenizer, quiet_transformers, resolve
+
+    if load_cfg.device not in ("auto", "cpu"):
+        raise UsageError("--engine llama.cpp runs on the CPU", "drop --device, or use --engine torch")
+    if cfg.compile:
+        raise UsageError("--compile applies to --engine torch", "llama.cpp's decoding is compiled already")
+    if shard is not None:
+        raise UsageError("--engine llama.cpp runs in one process", "launch without torchrun/accelerate")
+    bindings()  # missing bindings fail before anything is exported
+    quiet_transformers(out.settings.verbose)
+    source = resolve(load_cfg.model, offline=load_cfg.offline, allow_pickle=load_cfg.allow_pickle)
+    kind = gguf_type(load_cfg.dtype, load_cfg.quantize)
+    path = gguf_for(
+        load_cfg.model,
+        source,
+        kind,
+        offline=load_cfg.offline,
+        allow_pickle=load_cfg.allow_pickle,
+        on_export=lambda p: out.say(f"exporting {load_cfg.model} as {kind} GGUF for llama.cpp (once): {p}"),
+    )
+    config = AutoConfig.from_pretrained(source.model_dir, local_files_only=True)
+    try:
+        generation = GenerationConfig.from_pretrained(source.model_dir, local_files_only=True)
+    except OSError:
+        generation = GenerationConfig.from_model_config(config)
+    frame = Frame(
+        SimpleNamespace(config=config, generation_config=generation),
+        load_tokenizer(source.tokenizer_dir, load_cfg.model),
+        torch.device("cpu"),
+    )
+    threads = torch.get_num_threads()
+    runtime = LlamaCpp(path, context_length(config), threads)
+    out.detail(f"engine: llama.cpp, {kind} ({path}), {threads} threads")
+    return LlamaCppGenerator(frame, runtime, cfg, warn=out.warn, time_first_token=summary)
 
 
 def _given(ctx: typer.Context, name: str) -> bool:
