@@ -125,8 +125,16 @@ class LlamaCppGenerator(Generator):
         return int(torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)[0, 0])
 
     def _stopped(self, row: list[int]) -> bool:
-        # The stop strings' test at every token, on the text so far (Generator._finish cuts it).
-        return bool(self.cfg.stop) and find_stop(self.decode(row), self.cfg.stop) is not None
+        """Whether a stop string ends in the newest tokens (Generator._finish cuts the text there).
+
+        Tested at every token, so a stop can only have completed at the last one: decoding a tail
+        that holds the longest stop string's bytes (4 tokens to spare, for a tokenizer that drops a
+        leading space at the start of a decode) keeps each test short however long the text grows.
+        """
+        if not self.cfg.stop:
+            return False
+        tail = 4 * max(len(stop) for stop in self.cfg.stop) + 4
+        return find_stop(self.decode(row[-tail:]), self.cfg.stop) is not None
 
     def close(self) -> None:
         self.runtime.close()
