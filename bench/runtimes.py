@@ -38,7 +38,7 @@ from bench.common import BUILD, describe_machine, gpt2_small, save, table
 NEW_TOKENS = 128
 PROMPT_TOKENS = 512
 REPEATS = 3
-GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 LLAMA_CPP_PYTHON = "0.3.36"  # the sdist whose vendored llama.cpp is built
 CACHE = Path(__file__).resolve().parent / ".cache"
 ROOT = Path(__file__).resolve().parent.parent

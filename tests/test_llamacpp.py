@@ -38,7 +38,10 @@ def _cache(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFac
 
 def test_each_precision_option_has_its_llama_cpp_tier() -> None:
     assert gguf_type("float32", None) == "f32"
-    assert gguf_type("auto", None) == "f16" and gguf_type("float16", None) == "f16"
+    assert gguf_type("float16", None) == "f16"
+    assert gguf_type("auto", None, native_bf16=False) == "f16"
+    assert gguf_type("auto", None, native_bf16=True) == "bf16"  # llmkit's own `auto`
+    assert gguf_type("auto", None) == "f16"  # the tests' CPU has no native bf16 (conftest)
     assert gguf_type("bfloat16", None) == "bf16"
     assert [gguf_type("auto", q) for q in ("f16", "int8", "int4")] == ["f16", "q8_0", "q4_0"]
 

@@ -132,8 +132,9 @@ def generate(
         typer.Option(
             "--engine",
             help="torch, or llama.cpp: llama.cpp computes the logits on the CPU from a GGUF that llmkit "
-            "exports once per model and tier (float32 → f32, auto → f16, --quantize int8 → q8_0, int4 → "
-            "q4_0); sampling, seeds and stops stay llmkit's. Needs llmkit[llama-cpp].",
+            "exports once per model and tier (float32 → f32, auto → bf16 on a CPU with native bf16, else "
+            "f16, --quantize int8 → q8_0, int4 → q4_0); sampling, seeds and stops stay llmkit's. Needs "
+            "llmkit[llama-cpp].",
         ),
     ] = "torch",
     fmt: Annotated[
