@@ -71,6 +71,18 @@ def test_without_the_bindings_it_says_how_to_get_them(cli, tiny_model: Path, mon
     assert "llmkit[llama-cpp]" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_family_export_does_not_write_is_refused_first(cli, tmp_path: Path, monkeypatch) -> None:
+    from llmkit.testing import build_tiny_family
+
+    model = build_tiny_family(tmp_path / "phi3", "phi3")
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # the family is the first thing said, bindings or not
+    result = cli("generate", "-m", model, "hi", "-n", "3", "--engine", "llama.cpp")
+    assert result.exit_code == 1 and "exporting" not in result.stderr
+    assert "Error: --engine llama.cpp runs the model families" in result.stderr
+    assert "is a phi3" in result.stderr
+    assert "--engine torch" in result.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "says"),
     [

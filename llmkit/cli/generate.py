@@ -315,7 +315,7 @@ def _llama_cpp(load_cfg: Any, cfg: Any, shard: Any, summary: bool) -> Any:
     from transformers import AutoConfig, GenerationConfig
 
     from llmkit.errors import UsageError
-    from llmkit.llamacpp.files import gguf_for, gguf_type
+    from llmkit.llamacpp.files import check_family, gguf_for, gguf_type
     from llmkit.llamacpp.generator import Frame, LlamaCppGenerator
     from llmkit.llamacpp.runtime import LlamaCpp, bindings
     from llmkit.models import context_length, load_tokenizer, quiet_transformers, resolve
@@ -326,9 +326,10 @@ def _llama_cpp(load_cfg: Any, cfg: Any, shard: Any, summary: bool) -> Any:
         raise UsageError("--compile applies to --engine torch", "llama.cpp's decoding is compiled already")
     if shard is not None:
         raise UsageError("--engine llama.cpp runs in one process", "launch without torchrun/accelerate")
+    source = resolve(load_cfg.model, offline=load_cfg.offline, allow_pickle=load_cfg.allow_pickle)
+    check_family(load_cfg.model, source)
     bindings()  # missing bindings fail before anything is exported
     quiet_transformers(out.settings.verbose)
-    source = resolve(load_cfg.model, offline=load_cfg.offline, allow_pickle=load_cfg.allow_pickle)
     kind = gguf_type(load_cfg.dtype, load_cfg.quantize)
     path = gguf_for(
         load_cfg.model,

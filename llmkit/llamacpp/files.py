@@ -7,7 +7,7 @@ import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
-from llmkit.errors import UsageError
+from llmkit.errors import ModelError, UsageError
 from llmkit.models import ModelSource
 
 # --dtype / --quantize → the GGUF type of the same tier.
@@ -51,6 +51,21 @@ def fingerprint(source: ModelSource) -> str:
             stat = path.stat()
             digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
     return digest.hexdigest()[:16]
+
+
+def check_family(model: str, source: ModelSource) -> None:
+    """Only the families `llmkit export` writes can run on llama.cpp: say so before anything else."""
+    import json
+
+    from llmkit.export import FAMILIES
+
+    kind = json.loads((source.model_dir / "config.json").read_text()).get("model_type")
+    if kind not in FAMILIES:
+        raise ModelError(
+            f"--engine llama.cpp runs the model families llmkit exports to GGUF ({', '.join(FAMILIES)}); "
+            f"{model} is a {kind or 'model of unknown type'}",
+            "use --engine torch for it",
+        )
 
 
 def gguf_for(
