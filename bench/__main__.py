@@ -5,8 +5,8 @@
 
 from __future__ import annotations
 
-from bench import finetune, gpu, many_prompts, one_prompt, runtimes, serve, startup, tokenization
+from bench import finetune, gpu, many_prompts, one_prompt, runtimes, serve, serve_threads, startup, tokenization
 
-for module in (startup, one_prompt, many_prompts, tokenization, finetune, serve, runtimes, gpu):
+for module in (startup, one_prompt, many_prompts, tokenization, finetune, serve, serve_threads, runtimes, gpu):
     print(f"== {module.__name__}")
     module.main()
