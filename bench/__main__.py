@@ -5,8 +5,19 @@
 
 from __future__ import annotations
 
-from bench import finetune, gpu, many_prompts, one_prompt, runtimes, serve, serve_threads, startup, tokenization
+from bench import (
+    finetune,
+    gpu,
+    many_prompts,
+    one_prompt,
+    runtimes,
+    serve,
+    serve_threads,
+    startup,
+    tokenization,
+)
 
-for module in (startup, one_prompt, many_prompts, tokenization, finetune, serve, serve_threads, runtimes, gpu):
+MODULES = (startup, one_prompt, many_prompts, tokenization, finetune, serve, serve_threads, runtimes, gpu)
+for module in MODULES:
     print(f"== {module.__name__}")
     module.main()
