@@ -2,11 +2,11 @@
 against the same server pinned to torch's threads (`LLMKIT_SERVE_THREADS=<cores>`, what it did
 before), on the built-in model at serve's defaults and on GPT-2 small's shape in float32.
 
-Both servers of a model run at once and take turns, round by round, at 1 and 16 clients streaming
+Both servers of a model run at once and take turns, round by round, at 1, 4 and 16 clients streaming
 64 sampled tokens each, so drift in the machine hits them alike; medians of the rounds. The chosen
 counts are read from `/health` at the end.
 
-    python -m bench.serve_threads            # about 3 minutes on 2 cores
+    python -m bench.serve_threads            # about 5 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from bench.common import describe_machine, gpt2_small, save, table
 from bench.serve import BIN, Running, at_concurrency, request_body, stream
 
 ROUNDS = 3
-LEVELS = (1, 16)
+LEVELS = (1, 4, 16)
 
 
 def compare(model: str, extra: list[str], threads: int) -> dict[str, Any]:
@@ -66,17 +66,18 @@ def main() -> None:
     if "--builtin" in sys.argv[1:]:
         models = dict(list(models.items())[:1])
     results = {}
-    rows = [("model", "server", "1 client tok/s", "16 clients tok/s", "16 vs 1", "chosen")]
+    rows = [("model", "server", "1 client tok/s", "4 clients", "16 clients", "16 vs 1", "chosen")]
     for label, (model, extra) in models.items():
         got = results[label] = compare(model, extra, threads)
         base = got["medians"][f"pinned to {threads} threads"]
         for name, med in got["medians"].items():
-            speed = "" if med is base else f" ({med[1] / base[1]:.2f}x, {med[16] / base[16]:.2f}x)"
+            speed = "" if med is base else " (" + ", ".join(f"{med[c] / base[c]:.2f}x" for c in LEVELS) + ")"
             rows.append(
                 (
                     label,
                     name + speed,
                     f"{med[1]:.1f}",
+                    f"{med[4]:.1f}",
                     f"{med[16]:.1f}",
                     f"{med[16] / med[1]:.2f}x",
                     json.dumps(got["threads_chosen"][name]),

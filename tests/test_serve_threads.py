@@ -129,3 +129,26 @@ def test_the_environment_can_pin_the_count() -> None:
     assert pinned.candidates == (2,) and pinned.choose(1) == 2 and pinned.choose(16) == 2
     with pytest.raises(UsageError, match="LLMKIT_SERVE_THREADS"):
         for_engine(2, {"LLMKIT_SERVE_THREADS": "many"})
+
+
+def test_sizes_whose_answer_follows_from_others_are_not_measured() -> None:
+    tuner = ThreadTuner(2, trials=2)
+    for _ in range(4):  # 4-7 rows: two threads measured faster
+        threads = tuner.choose(5)
+        tuner.record(5, threads, 0.01 if threads == 2 else 0.02)
+    assert tuner.choose(9) == 2 and tuner.choose(16) == 2  # more rows: every thread, unmeasured
+    assert tuner.choices() == {"4-7": 2, "8-15": 2, "16-31": 2}
+    for _ in range(4):  # one row: one thread measured faster
+        threads = tuner.choose(1)
+        tuner.record(1, threads, 0.01 if threads == 1 else 0.02)
+    assert tuner.choices()["1"] == 1
+    # 2-3 rows lie between a size that chose one thread and one that chose two: every thread.
+    assert tuner.choose(2) == 2 and tuner.choices()["2-3"] == 2
+    fresh = ThreadTuner(2, trials=2)
+    fresh.record(1, fresh.choose(1), 0.01)
+    assert fresh.choose(3) in (1, 2) and "2-3" not in fresh.choices()  # nothing above it known: measured
+    one_core_down = ThreadTuner(2, trials=2)
+    for _ in range(4):  # 16 rows chose one thread: fewer rows take one too
+        threads = one_core_down.choose(16)
+        one_core_down.record(16, threads, 0.01 if threads == 1 else 0.02)
+    assert one_core_down.choose(1) == 1 and one_core_down.choose(6) == 1
