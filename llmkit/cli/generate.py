@@ -352,7 +352,11 @@ def _llama_cpp(load_cfg: Any, cfg: Any, shard: Any, summary: bool) -> Any:
     threads = torch.get_num_threads()
     runtime = LlamaCpp(path, context_length(config), threads)
     out.detail(f"engine: llama.cpp, {kind} ({path}), {threads} threads")
-    return LlamaCppGenerator(frame, runtime, cfg, warn=out.warn, time_first_token=summary)
+    try:
+        return LlamaCppGenerator(frame, runtime, cfg, warn=out.warn, time_first_token=summary)
+    except BaseException:  # a budget the context can't hold, say: the model is closed, not left to teardown
+        runtime.close()
+        raise
 
 
 def _given(ctx: typer.Context, name: str) -> bool:
