@@ -83,6 +83,13 @@ def test_a_family_export_does_not_write_is_refused_first(cli, tmp_path: Path, mo
     assert "--engine torch" in result.stderr
 
 
+def test_a_budget_the_context_cannot_hold_is_refused_before_exporting(cli, tiny_model, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # a usage error comes first, bindings or not
+    result = cli("generate", "-m", tiny_model, "hi", "-n", "5000", "--engine", "llama.cpp")
+    assert result.exit_code == 2 and "leaves no room for a prompt" in result.stderr
+    assert "exporting" not in result.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "says"),
     [

@@ -328,17 +328,7 @@ def _llama_cpp(load_cfg: Any, cfg: Any, shard: Any, summary: bool) -> Any:
         raise UsageError("--engine llama.cpp runs in one process", "launch without torchrun/accelerate")
     source = resolve(load_cfg.model, offline=load_cfg.offline, allow_pickle=load_cfg.allow_pickle)
     check_family(load_cfg.model, source)
-    bindings()  # missing bindings fail before anything is exported
     quiet_transformers(out.settings.verbose)
-    kind = gguf_type(load_cfg.dtype, load_cfg.quantize)
-    path = gguf_for(
-        load_cfg.model,
-        source,
-        kind,
-        offline=load_cfg.offline,
-        allow_pickle=load_cfg.allow_pickle,
-        on_export=lambda p: out.say(f"exporting {load_cfg.model} as {kind} GGUF for llama.cpp (once): {p}"),
-    )
     config = AutoConfig.from_pretrained(source.model_dir, local_files_only=True)
     try:
         generation = GenerationConfig.from_pretrained(source.model_dir, local_files_only=True)
@@ -349,14 +339,22 @@ def _llama_cpp(load_cfg: Any, cfg: Any, shard: Any, summary: bool) -> Any:
         load_tokenizer(source.tokenizer_dir, load_cfg.model),
         torch.device("cpu"),
     )
+    # Built before the export: budgets the context can't hold are refused before any file is written.
+    gen = LlamaCppGenerator(frame, None, cfg, warn=out.warn, time_first_token=summary)
+    bindings()  # missing bindings fail before anything is exported
+    kind = gguf_type(load_cfg.dtype, load_cfg.quantize)
+    path = gguf_for(
+        load_cfg.model,
+        source,
+        kind,
+        offline=load_cfg.offline,
+        allow_pickle=load_cfg.allow_pickle,
+        on_export=lambda p: out.say(f"exporting {load_cfg.model} as {kind} GGUF for llama.cpp (once): {p}"),
+    )
     threads = torch.get_num_threads()
-    runtime = LlamaCpp(path, context_length(config), threads)
+    gen.runtime = LlamaCpp(path, context_length(config), threads)
     out.detail(f"engine: llama.cpp, {kind} ({path}), {threads} threads")
-    try:
-        return LlamaCppGenerator(frame, runtime, cfg, warn=out.warn, time_first_token=summary)
-    except BaseException:  # a budget the context can't hold, say: the model is closed, not left to teardown
-        runtime.close()
-        raise
+    return gen
 
 
 def _given(ctx: typer.Context, name: str) -> bool:

@@ -37,9 +37,9 @@ class Frame:
 
 
 class LlamaCppGenerator(Generator):
-    def __init__(self, frame: Frame, runtime: LlamaCpp, cfg: GenerateConfig, **kwargs: Any) -> None:
+    def __init__(self, frame: Frame, runtime: LlamaCpp | None, cfg: GenerateConfig, **kwargs: Any) -> None:
         super().__init__(frame, cfg, **kwargs)  # type: ignore[arg-type]
-        self.runtime = runtime
+        self.runtime = runtime  # None until the caller has one: the options are checked first
 
     def processors(self) -> Any:
         """transformers' processors for these options, in the order `generate` applies them.
@@ -95,6 +95,7 @@ class LlamaCppGenerator(Generator):
     def _decode_one(self, enc: _Encoded, streamer: Any) -> list[int]:
         import torch
 
+        assert self.runtime is not None, "give the generator its runtime before decoding"
         processors = self.processors()
         ids = torch.tensor([enc.ids])
         if streamer is not None:
@@ -137,4 +138,5 @@ class LlamaCppGenerator(Generator):
         return find_stop(self.decode(row[-tail:]), self.cfg.stop) is not None
 
     def close(self) -> None:
-        self.runtime.close()
+        if self.runtime is not None:
+            self.runtime.close()
