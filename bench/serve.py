@@ -273,6 +273,25 @@ def main() -> None:
     save("serve", results)
 
 
+def take_turns(
+    servers: dict[str, Running], model: str, levels: tuple[int, ...], rounds: int
+) -> dict[str, dict[int, list[float]]]:
+    """Tokens/s of each server at each level, `rounds` times: every server warmed up with one request,
+    then all of them in turn at each level, their order reversed every other round, so drift in the
+    machine hits them alike. The caller stops the servers."""
+    runs: dict[str, dict[int, list[float]]] = {name: {c: [] for c in levels} for name in servers}
+    for server in servers.values():
+        assert server.url is not None
+        stream(server.url, request_body(model, 999))
+    for r in range(rounds):
+        order = list(servers.items()) if r % 2 == 0 else list(reversed(servers.items()))
+        for clients in levels:
+            for name, server in order:
+                assert server.url is not None
+                runs[name][clients].append(at_concurrency(server.url, model, clients)["tokens_per_s"])
+    return runs
+
+
 def alternated(rounds: int = 5, levels: tuple[int, ...] = (1, 4)) -> None:
     """`--alternate`: llmkit and `transformers serve --continuous-batching` up side by side, float32,
     measured in turn at 1 and 4 clients `rounds` times: single runs at few clients are too short to
@@ -295,17 +314,8 @@ def alternated(rounds: int = 5, levels: tuple[int, ...] = (1, 4)) -> None:
             r"Uvicorn running on",
         ),
     }
-    runs: dict[str, dict[int, list[float]]] = {name: {c: [] for c in levels} for name in servers}
     try:
-        for server in servers.values():
-            assert server.url is not None
-            stream(server.url, request_body(model_dir, 999))
-        for _ in range(rounds):
-            for clients in levels:
-                for name, server in servers.items():
-                    assert server.url is not None
-                    got = at_concurrency(server.url, model_dir, clients)
-                    runs[name][clients].append(got["tokens_per_s"])
+        runs = take_turns(servers, model_dir, levels, rounds)
     finally:
         for server in servers.values():
             server.stop()

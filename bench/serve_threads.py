@@ -18,7 +18,7 @@ import urllib.request
 from typing import Any
 
 from bench.common import describe_machine, gpt2_small, save, table
-from bench.serve import BIN, Running, at_concurrency, request_body, stream
+from bench.serve import BIN, Running, take_turns
 
 ROUNDS = 3
 LEVELS = (1, 4, 16)
@@ -32,17 +32,8 @@ def compare(model: str, extra: list[str], threads: int) -> dict[str, Any]:
             argv, None, r"listening on (http://\S+) ", env={"LLMKIT_SERVE_THREADS": str(threads)}
         ),
     }
-    rates: dict[str, dict[int, list[float]]] = {name: {c: [] for c in LEVELS} for name in servers}
     try:
-        for server in servers.values():
-            assert server.url is not None
-            stream(server.url, request_body(model, 999))
-        for r in range(ROUNDS):
-            order = list(servers.items()) if r % 2 == 0 else list(reversed(servers.items()))
-            for clients in LEVELS:
-                for name, server in order:
-                    assert server.url is not None
-                    rates[name][clients].append(at_concurrency(server.url, model, clients)["tokens_per_s"])
+        rates = take_turns(servers, model, LEVELS, ROUNDS)
         health = {}
         for name, server in servers.items():
             with urllib.request.urlopen(f"{server.url}/health", timeout=30) as answer:
