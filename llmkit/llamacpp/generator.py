@@ -44,9 +44,9 @@ class LlamaCppGenerator(Generator):
     def processors(self) -> Any:
         """transformers' processors for these options, in the order `generate` applies them.
 
-        All but `MinNewTokensLengthLogitsProcessor`: `_pick` masks end-of-text itself while it applies
-        (the same scores: -inf stays -inf through every later processor), because that processor's
-        full-vocabulary `isin` was a third of a millisecond per token for GPT-2 small.
+        All but `MinNewTokensLengthLogitsProcessor`: the decoding loop masks end-of-text itself while
+        it applies (the same scores: -inf stays -inf through every later processor), because that
+        processor's full-vocabulary `isin` was a third of a millisecond per token for GPT-2 small.
         """
         from transformers import (
             LogitsProcessorList,
@@ -97,29 +97,31 @@ class LlamaCppGenerator(Generator):
 
         assert self.runtime is not None, "give the generator its runtime before decoding"
         processors = self.processors()
+        eos = sorted(self.eos_ids)
         ids = torch.tensor([enc.ids])
         if streamer is not None:
             streamer.put(ids)
         logits = self.runtime.start(enc.ids)
         row: list[int] = []
         while True:
-            token = self._pick(processors, ids, logits, len(row))
+            if len(row) < self.cfg.min_new_tokens and eos:
+                logits[eos] = float("-inf")
+            token = self._pick(processors, ids, logits)
             row.append(token)
             if streamer is not None:
                 streamer.put(torch.tensor([token]))
             if token in self.eos_ids or len(row) >= enc.budget or self._stopped(row):
                 break
-            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+            if processors:  # only processors read the sequence so far
+                ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
             logits = self.runtime.feed([token])
         if streamer is not None:
             streamer.end()
         return row
 
-    def _pick(self, processors: Any, ids: torch.Tensor, logits: torch.Tensor, generated: int) -> int:
+    def _pick(self, processors: Any, ids: torch.Tensor, logits: torch.Tensor) -> int:
         import torch
 
-        if generated < self.cfg.min_new_tokens and self.eos_ids:
-            logits[sorted(self.eos_ids)] = float("-inf")
         scores = processors(ids, logits[None, :]) if processors else logits[None, :]
         if not self.cfg.do_sample:
             return int(scores[0].argmax())
