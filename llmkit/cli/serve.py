@@ -72,18 +72,15 @@ def serve(
         raise UsageError("--batch-size must be at least 1")
     if max_body_mb <= 0:
         raise UsageError("--max-body-mb must be positive")
-    from llmkit.cli._loading import load_model, resolve_chat_template, use_chat_template
+    from llmkit.cli._loading import resolve_chat_template
     from llmkit.serve import server
 
     template = resolve_chat_template(chat_template)  # a bad file fails before the port is taken
     sock = server.bind(host, port)  # before loading: a taken port fails in a second, not after the model
-    from llmkit.generation import AUTO_BATCH
     from llmkit.serve.app import create_app
-    from llmkit.serve.engine import Engine
 
-    lm = load_model(load_config(model, device, dtype, offline, allow_pickle, quantize))
-    use_chat_template(lm, template, quantize)  # before the engine reads its stops
-    engine = Engine(lm, max_batch=batch_size or AUTO_BATCH.get(lm.device.type, 16))
+    config = load_config(model, device, dtype, offline, allow_pickle, quantize)
+    engine = _engine(config, template, batch_size)
     if engine.weight_left_layers:
         out.detail(
             f"{engine.weight_left_layers} float32 layers multiply batches with the weight on the left "
@@ -100,6 +97,17 @@ def serve(
     )
     if code:
         raise typer.Exit(code)
+
+
+def _engine(config, template, batch_size: int | None):
+    """The engine in a child process (the default), or in this one (LLMKIT_SERVE_ENGINE=thread)."""
+    from llmkit.serve import process
+
+    settings = out.settings
+    setup = process.Setup(config, template, batch_size, settings.verbose, settings.quiet, out.debug_enabled())
+    if process.in_process():
+        return process.build(setup)
+    return process.EngineProcess(setup)
 
 
 def _plain(print_fn):

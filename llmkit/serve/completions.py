@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmkit.serve.engine import Chunk, Engine, Sequence, TokenInfo
+from llmkit.serve.engine import Chunk, Engine, Sequence, TokenInfo, describe
 from llmkit.serve.errors import APIError
 from llmkit.serve.sampling import SamplingParams
 from llmkit.serve.schemas import MAX_PROMPTS, CompletionRequest, Sampling
@@ -220,9 +220,7 @@ class Run:
                 continue
             if chunk.error is not None:
                 self.cancel()
-                raise APIError(
-                    500, f"generation failed: {type(chunk.error).__name__}: {chunk.error}", "server_error"
-                )
+                raise APIError(500, f"generation failed: {describe(chunk.error)}", "server_error")
             self.choices[index].add(chunk)
             if chunk.finish_reason is not None:
                 open_choices -= 1

@@ -53,6 +53,23 @@ class Chunk:
     echo: bool = False  # the prompt, echoed
 
 
+class Failed(Exception):
+    """A sequence's failure as another process reports it: the kind of error and its message."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(kind, message)
+        self.kind, self.message = kind, message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def describe(error: BaseException) -> str:
+    """`Kind: message`, for the 500 a failed sequence answers with."""
+    kind = error.kind if isinstance(error, Failed) else type(error).__name__
+    return f"{kind}: {error}"
+
+
 class IncrementalText:
     """A sequence's text, decoded a few tokens at a time instead of from the start at every token.
 
@@ -271,6 +288,8 @@ class Engine:
         self._threads = 0  # the worker thread sets its own count on its first step
         # Test hook: seconds to sleep per decoding step, so tests can act while a request is in flight.
         self._step_delay = float(os.environ.get("LLMKIT_TEST_STEP_DELAY", "0") or 0)
+        # Called on the worker after every step (process.py sends the step's chunks on from there).
+        self.after_step: Callable[[], None] | None = None
 
     def stats(self) -> dict[str, Any]:
         """For /health: sequences decoding and waiting, decoding steps and tokens so far, and the
@@ -346,6 +365,8 @@ class Engine:
                 for seq in self._rows + new:
                     seq.fail(exc)
                 self._rows, self._cache, self._mask = [], None, None
+            if self.after_step is not None:
+                self.after_step()
 
     def _step(self, new: list[Sequence]) -> None:
         self._drop()
