@@ -269,6 +269,11 @@ class Engine:
         # (products.py). The model belongs to the engine from here on: it is never trained again.
         one_row_head(lm.model, lm.device)
         self.weight_left_layers = weight_left(lm.model, lm.device)
+        from llmkit import attention
+
+        # A half-precision model's attention runs in float32 over a float32 cache where that is
+        # faster (attention.py); None: the cache keeps the model's precision.
+        self.kv_dtype = attention.use(lm.model, lm.device)
         eos = lm.model.generation_config.eos_token_id
         if eos is None:
             eos = lm.tokenizer.eos_token_id
@@ -404,7 +409,7 @@ class Engine:
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
             position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(self.device),
-            cache=new_cache(),
+            cache=new_cache(store=self.kv_dtype),
             use_cache=True,
             logits_to_keep=0 if scoring else 1,
         )
@@ -450,7 +455,7 @@ class Engine:
             )
             for old, add in zip(self._cache.layers, cache.layers, strict=True)
         ]
-        self._cache = new_cache(layers)
+        self._cache = new_cache(layers, self.kv_dtype)
         self._mask = torch.cat([pad(self._mask, 1), pad(mask, 1)])
         self._rows = self._rows + rows
 

@@ -5,6 +5,9 @@ layer on every decoding step; with 16 sequences of GPT-2 small that is ~100 MB p
 layer keeps a buffer with spare columns: a step writes its one column in place, and the cache is
 copied only when the buffer is full (doubling it) or the batch changes (rows leave or join). The model
 sees the same `keys`/`values` tensors as before, as views of the buffer.
+
+A cache may also keep its keys and values in another precision than the model's: float32 for a
+half-precision model on the CPU, whose attention is faster in float32 (llmkit/attention.py).
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ if TYPE_CHECKING:
 SPARE = 64  # columns added beyond what is needed when a buffer is (re)allocated, at least
 
 
-def _layer_class() -> type:
+def _layer_class(store: torch.dtype | None) -> type:
     from transformers.cache_utils import DynamicLayer
 
     class RoomyLayer(DynamicLayer):
-        """Keys and values are the columns [start, end) of buffers shaped [batch, heads, capacity, dim]."""
+        """Keys and values are the columns [start, end) of buffers shaped [batch, heads, capacity, dim],
+        in `store` precision (None: the model's)."""
 
         def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None) -> None:
             super().__init__()
@@ -36,7 +40,8 @@ def _layer_class() -> type:
             """Copy `keys`/`values` into new buffers with `room` columns beyond them."""
             used = keys.shape[-2]
             shape = (*keys.shape[:-2], used + room, keys.shape[-1])
-            self._k, self._v = keys.new_empty(shape), values.new_empty(shape)
+            self._k = keys.new_empty(shape, dtype=store or keys.dtype)
+            self._v = values.new_empty(shape, dtype=store or values.dtype)
             self._k[..., :used, :] = keys
             self._v[..., :used, :] = values
             self._end = used
@@ -88,21 +93,23 @@ def _layer_class() -> type:
     return RoomyLayer
 
 
-_LAYER: type | None = None
+_LAYERS: dict[Any, type] = {}
 
 
-def layer_class() -> type:
-    global _LAYER
-    if _LAYER is None:
-        _LAYER = _layer_class()
-    return _LAYER
+def layer_class(store: torch.dtype | None = None) -> type:
+    if store not in _LAYERS:
+        _LAYERS[store] = _layer_class(store)
+    return _LAYERS[store]
 
 
-def new_cache(layers: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Any:
-    """A DynamicCache of roomy layers: empty (the model fills it) or holding `layers`' keys and values."""
+def new_cache(
+    layers: list[tuple[torch.Tensor, torch.Tensor]] | None = None, store: torch.dtype | None = None
+) -> Any:
+    """A DynamicCache of roomy layers: empty (the model fills it) or holding `layers`' keys and values;
+    `store`: the precision they are kept in (None: as given)."""
     from transformers import DynamicCache
 
-    cls = layer_class()
+    cls = layer_class(store)
     cache = DynamicCache()
     cache.layer_class_to_replicate = cls  # layers the model adds on its first pass are roomy too
     if layers is not None:
