@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -290,6 +291,28 @@ def take_turns(
                 assert server.url is not None
                 runs[name][clients].append(at_concurrency(server.url, model, clients)["tokens_per_s"])
     return runs
+
+
+def side_by_side(
+    model: str, extra: list[str], envs: dict[str, dict[str, str]], levels: tuple[int, ...], rounds: int
+) -> dict[str, Any]:
+    """`llmkit serve` once per named environment, all up at once, taking turns (take_turns); their
+    rates, medians and the thread counts each chose (from /health at the end)."""
+    argv = [str(BIN / "llmkit"), "serve", "-m", model, "--port", "0", *extra]
+    servers = {
+        name: Running(argv, None, r"listening on (http://\S+) ", env=env) for name, env in envs.items()
+    }
+    try:
+        rates = take_turns(servers, model, levels, rounds)
+        health = {}
+        for name, server in servers.items():
+            with urllib.request.urlopen(f"{server.url}/health", timeout=30) as answer:
+                health[name] = json.loads(answer.read())["threads"]
+    finally:
+        for server in servers.values():
+            server.stop()
+    medians = {name: {c: statistics.median(v) for c, v in by.items()} for name, by in rates.items()}
+    return {"tokens_per_s": rates, "medians": medians, "threads_chosen": health}
 
 
 def alternated(rounds: int = 5, levels: tuple[int, ...] = (1, 4)) -> None:

@@ -12,37 +12,22 @@ counts are read from `/health` at the end.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
-import urllib.request
 from typing import Any
 
 from bench.common import describe_machine, gpt2_small, save, table
-from bench.serve import BIN, Running, take_turns
+from bench.serve import side_by_side
 
 ROUNDS = 3
 LEVELS = (1, 4, 16)
 
 
 def compare(model: str, extra: list[str], threads: int) -> dict[str, Any]:
-    argv = [str(BIN / "llmkit"), "serve", "-m", model, "--port", "0", *extra]
-    servers = {
-        "chosen per batch size": Running(argv, None, r"listening on (http://\S+) "),
-        f"pinned to {threads} threads": Running(
-            argv, None, r"listening on (http://\S+) ", env={"LLMKIT_SERVE_THREADS": str(threads)}
-        ),
+    envs = {
+        "chosen per batch size": {},
+        f"pinned to {threads} threads": {"LLMKIT_SERVE_THREADS": str(threads)},
     }
-    try:
-        rates = take_turns(servers, model, LEVELS, ROUNDS)
-        health = {}
-        for name, server in servers.items():
-            with urllib.request.urlopen(f"{server.url}/health", timeout=30) as answer:
-                health[name] = json.loads(answer.read())["threads"]
-    finally:
-        for server in servers.values():
-            server.stop()
-    medians = {name: {c: statistics.median(v) for c, v in by.items()} for name, by in rates.items()}
-    return {"tokens_per_s": rates, "medians": medians, "threads_chosen": health}
+    return side_by_side(model, extra, envs, LEVELS, ROUNDS)
 
 
 def main() -> None:
