@@ -153,7 +153,7 @@ class Sequence:
             for i, token in enumerate(self.prompt_ids):
                 if i < lead:
                     continue
-                info = TokenInfo(token, self.engine.decode([token]), starts[i - lead])
+                info = TokenInfo(token, self.engine.token_text(token), starts[i - lead])
                 if i > 0 and logprobs is not None:  # the first token has no context to be scored in
                     info.logprob, info.top = self._report(logprobs[i - 1], token)
                 tokens.append(info)
@@ -167,7 +167,7 @@ class Sequence:
         if token in self.engine.eos_ids:
             self._finish("stop", None, self.ends[-1] if self.ends else 0)
             return
-        info = TokenInfo(token, self.engine.decode([token]), self.ends[-1] if self.ends else 0)
+        info = TokenInfo(token, self.engine.token_text(token), self.ends[-1] if self.ends else 0)
         if self.params.logprobs is not None:
             import torch
 
@@ -220,8 +220,8 @@ class Sequence:
         if not k:
             return chosen, None
         values, ids = logprobs.topk(k)
-        top = {self.engine.decode([int(i)]): float(v) for v, i in zip(values, ids, strict=True)}
-        top.setdefault(self.engine.decode([token]), chosen)  # OpenAI lists the chosen token too
+        top = {self.engine.token_text(int(i)): float(v) for v, i in zip(values, ids, strict=True)}
+        top.setdefault(self.engine.token_text(token), chosen)  # OpenAI lists the chosen token too
         return chosen, top
 
     def _release(self, text: str, upto: int) -> None:
@@ -280,6 +280,7 @@ class Engine:
         self.eos_ids: set[int] = set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
         self.pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
         self.bos = bos_id(lm.tokenizer)  # put before text prompts, as the tokenizer itself would
+        self._token_texts: dict[int, str] = {}
         self._cond = threading.Condition()
         self._pending: deque[Sequence] = deque()
         self._rows: list[Sequence] = []
@@ -346,6 +347,13 @@ class Engine:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def token_text(self, token: int) -> str:
+        """One token's own text, decoded once per server (every row reports it with every token)."""
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self._token_texts[token] = self.decode([token])
+        return text
 
     # -- the worker ----------------------------------------------------------------------------------
     def _run(self) -> None:
