@@ -64,3 +64,41 @@ def test_a_cache_built_from_tensors_holds_them_and_grows() -> None:
     got_keys, got_values = cache.update(new_keys, new_values, 0)
     assert torch.equal(got_keys, torch.cat([keys, new_keys], dim=2))
     assert torch.equal(got_values, torch.cat([values, new_values], dim=2))
+
+
+def test_rows_join_and_leave_in_place_as_a_fresh_concatenation_would_hold_them() -> None:
+    """add_rows/keep_rows write into the buffers they have (room for 8 rows) and hold exactly what
+    the engine's old path built: both sides zero-padded on the left to the wider one, then concatenated;
+    or the rows kept, in order."""
+    generator = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator)
+
+    def pad(t: torch.Tensor, width: int) -> torch.Tensor:
+        return torch.cat([t.new_zeros((*t.shape[:2], width - t.shape[2], t.shape[3])), t], dim=2)
+
+    cache = new_cache([(rand(2, 4, 6, 8), rand(2, 4, 6, 8))], rows=8)
+    layer = cache.layers[0]
+    buffer = layer._k.data_ptr()
+    expected_k, expected_v = layer.keys.clone(), layer.values.clone()
+    for i, (rows, width) in enumerate(((1, 4), (2, 7), (1, 7))):  # narrower than the batch, as wide, wider
+        if i == 2:  # the engine trims columns that are padding everywhere: room on the left
+            layer.trim(2)
+            expected_k, expected_v = expected_k[:, :, 2:], expected_v[:, :, 2:]
+        keys, values = rand(rows, 4, width, 8), rand(rows, 4, width, 8)
+        assert layer.can_add(rows, width)
+        layer.add_rows(keys, values)
+        full = max(expected_k.shape[2], width)
+        expected_k = torch.cat([pad(expected_k, full), pad(keys, full)])
+        expected_v = torch.cat([pad(expected_v, full), pad(values, full)])
+        assert torch.equal(layer.keys, expected_k) and torch.equal(layer.values, expected_v)
+        step_k, step_v = rand(len(expected_k), 4, 1, 8), rand(len(expected_k), 4, 1, 8)
+        got_k, _ = cache.update(step_k, step_v, 0)  # a decoding step still appends to every row
+        expected_k, expected_v = torch.cat([expected_k, step_k], 2), torch.cat([expected_v, step_v], 2)
+        assert torch.equal(got_k, expected_k)
+    assert layer._k.data_ptr() == buffer  # never reallocated
+    cache.batch_select_indices(torch.tensor([0, 2, 5]))
+    assert torch.equal(layer.keys, expected_k[[0, 2, 5]]) and torch.equal(layer.values, expected_v[[0, 2, 5]])
+    assert not layer.can_add(6, 3) and layer.can_add(5, 3)  # 3 + 6 rows > 8
+    assert not layer.can_add(1, layer._end + 1)  # wider than the columns up to the newest

@@ -417,7 +417,7 @@ class Engine:
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
             position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(self.device),
-            cache=new_cache(store=self.kv_dtype),
+            cache=new_cache(store=self.kv_dtype, rows=self.max_batch),
             use_cache=True,
             logits_to_keep=0 if scoring else 1,
         )
@@ -447,6 +447,12 @@ class Engine:
             self._cache, self._mask, self._rows = cache, mask, rows
             return
         width = max(self._mask.shape[1], mask.shape[1])
+        if all(layer.can_add(len(rows), mask.shape[1]) for layer in self._cache.layers):
+            for old, add in zip(self._cache.layers, cache.layers, strict=True):
+                old.add_rows(add.keys, add.values)  # only the new rows are written (kvcache.py)
+            self._mask = torch.cat([_pad_left(self._mask, width), _pad_left(mask, width)])
+            self._rows = self._rows + rows
+            return
 
         def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
             missing = width - t.shape[dim]
@@ -463,7 +469,7 @@ class Engine:
             )
             for old, add in zip(self._cache.layers, cache.layers, strict=True)
         ]
-        self._cache = new_cache(layers, self.kv_dtype)
+        self._cache = new_cache(layers, self.kv_dtype, self.max_batch)
         self._mask = torch.cat([pad(self._mask, 1), pad(mask, 1)])
         self._rows = self._rows + rows
 
@@ -515,3 +521,10 @@ class Engine:
             for layer in self._cache.layers:
                 layer.trim(first)
             self._mask = self._mask[:, first:]
+
+
+def _pad_left(mask: torch.Tensor, width: int) -> torch.Tensor:
+    import torch
+
+    missing = width - mask.shape[1]
+    return mask if missing == 0 else torch.cat([mask.new_zeros((mask.shape[0], missing)), mask], dim=1)
