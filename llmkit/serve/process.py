@@ -88,6 +88,9 @@ class EngineProcess:
         self._dead = False
         self._reader = threading.Thread(target=self._read, name="llmkit-engine-events", daemon=True)
         try:
+            # The tokenizer comes back pickled: its library loads here while the child loads the model.
+            from transformers import PreTrainedTokenizerFast  # noqa: F401
+
             ready = self._wait_ready()
         except BaseException:  # a load error, or Ctrl-C while the model loads
             self._proc.kill()
