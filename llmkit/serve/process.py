@@ -118,10 +118,10 @@ class EngineProcess:
     def submit(self, sequences: list[RemoteSequence]) -> None:
         for seq in sequences:
             self._live[seq.sid] = seq
-        if self._dead:
+        if not self._dead:
+            self._send(("submit", [seq.message for seq in sequences]))
+        if self._dead:  # before, or found while sending: the reader may have failed the others already
             self._fail_all()
-            return
-        self._send(("submit", [seq.message for seq in sequences]))
 
     def cancel(self, sequences: list[RemoteSequence]) -> None:
         sids = [seq.sid for seq in sequences if self._live.pop(seq.sid, None) is not None]
@@ -187,7 +187,8 @@ class EngineProcess:
                     if completion_tokens is not None:
                         seq.completion_tokens = completion_tokens
                         self._live.pop(sid, None)
-                    seq.deliver(chunk)
+                    with contextlib.suppress(RuntimeError):  # its event loop closed: shutting down
+                        seq.deliver(chunk)
         except (EOFError, OSError):
             pass
         self._dead = True
