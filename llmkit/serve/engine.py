@@ -274,6 +274,9 @@ class Engine:
         # A half-precision model's attention runs in float32 over a float32 cache where that is
         # faster (attention.py); None: the cache keeps the model's precision.
         self.kv_dtype = attention.use(lm.model, lm.device)
+        # The batch's cache has room for every row the batch may hold, so joining rows write only
+        # themselves (kvcache.py); on the CPU untouched room costs no memory, on a GPU it would.
+        self._rows_room = max_batch if lm.device.type == "cpu" else 1
         eos = lm.model.generation_config.eos_token_id
         if eos is None:
             eos = lm.tokenizer.eos_token_id
@@ -417,7 +420,7 @@ class Engine:
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
             position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(self.device),
-            cache=new_cache(store=self.kv_dtype, rows=self.max_batch),
+            cache=new_cache(store=self.kv_dtype),
             use_cache=True,
             logits_to_keep=0 if scoring else 1,
         )
@@ -469,7 +472,7 @@ class Engine:
             )
             for old, add in zip(self._cache.layers, cache.layers, strict=True)
         ]
-        self._cache = new_cache(layers, self.kv_dtype, self.max_batch)
+        self._cache = new_cache(layers, self.kv_dtype, self._rows_room)
         self._mask = torch.cat([pad(self._mask, 1), pad(mask, 1)])
         self._rows = self._rows + rows
 
