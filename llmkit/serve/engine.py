@@ -450,30 +450,20 @@ class Engine:
             self._cache, self._mask, self._rows = cache, mask, rows
             return
         width = max(self._mask.shape[1], mask.shape[1])
-        if all(layer.can_add(len(rows), mask.shape[1]) for layer in self._cache.layers):
-            for old, add in zip(self._cache.layers, cache.layers, strict=True):
+        pairs = list(zip(self._cache.layers, cache.layers, strict=True))
+        if all(old.can_add(len(rows), mask.shape[1]) for old, _ in pairs):
+            for old, add in pairs:
                 old.add_rows(add.keys, add.values)  # only the new rows are written (kvcache.py)
-            self._mask = torch.cat([_pad_left(self._mask, width), _pad_left(mask, width)])
-            self._rows = self._rows + rows
-            return
-
-        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
-            missing = width - t.shape[dim]
-            if missing == 0:
-                return t
-            shape = list(t.shape)
-            shape[dim] = missing
-            return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-        layers = [
-            (
-                torch.cat([pad(old.keys, 2), pad(add.keys, 2)]),
-                torch.cat([pad(old.values, 2), pad(add.values, 2)]),
-            )
-            for old, add in zip(self._cache.layers, cache.layers, strict=True)
-        ]
-        self._cache = new_cache(layers, self.kv_dtype, self._rows_room)
-        self._mask = torch.cat([pad(self._mask, 1), pad(mask, 1)])
+        else:  # every row copied into a new cache with room for the batch's rows
+            layers = [
+                (
+                    torch.cat([_pad_left(old.keys, width, 2), _pad_left(add.keys, width, 2)]),
+                    torch.cat([_pad_left(old.values, width, 2), _pad_left(add.values, width, 2)]),
+                )
+                for old, add in pairs
+            ]
+            self._cache = new_cache(layers, self.kv_dtype, self._rows_room)
+        self._mask = torch.cat([_pad_left(self._mask, width), _pad_left(mask, width)])
         self._rows = self._rows + rows
 
     def _decode(self) -> None:
@@ -526,8 +516,13 @@ class Engine:
             self._mask = self._mask[:, first:]
 
 
-def _pad_left(mask: torch.Tensor, width: int) -> torch.Tensor:
+def _pad_left(t: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
+    """`t` with zeros before it along `dim` up to `width` (a mask's columns, a cache's positions)."""
     import torch
 
-    missing = width - mask.shape[1]
-    return mask if missing == 0 else torch.cat([mask.new_zeros((mask.shape[0], missing)), mask], dim=1)
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)

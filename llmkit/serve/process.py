@@ -110,9 +110,7 @@ class EngineProcess:
         seed: int | None = None,
         prompt_text: str | None = None,
     ) -> RemoteSequence:
-        if seed is None:
-            seed = int.from_bytes(os.urandom(4), "little") >> 1
-        sid = next(self._ids)
+        sid = next(self._ids)  # no seed: the engine picks one, as in process
         return RemoteSequence(sid, (sid, prompt_ids, params, seed, prompt_text), deliver)
 
     def submit(self, sequences: list[RemoteSequence]) -> None:
