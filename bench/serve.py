@@ -315,6 +315,28 @@ def side_by_side(
     return {"tokens_per_s": rates, "medians": medians, "threads_chosen": health}
 
 
+def level_rows(
+    label: str, got: dict[str, Any], base: str, levels: tuple[int, ...], extra: Any = None
+) -> list[tuple]:
+    """Table rows of a side_by_side result: tokens/s per level, each server's ratios to `base`, its
+    16-vs-1 (`extra(name)` adds a column)."""
+    rows = []
+    for name, med in got["medians"].items():
+        speed = (
+            ""
+            if name == base
+            else " (" + ", ".join(f"{med[c] / got['medians'][base][c]:.2f}x" for c in levels) + ")"
+        )
+        cells = [
+            label,
+            name + speed,
+            *(f"{med[c]:.1f}" for c in levels),
+            f"{med[levels[-1]] / med[levels[0]]:.2f}x",
+        ]
+        rows.append(tuple(cells + ([extra(name)] if extra else [])))
+    return rows
+
+
 def alternated(rounds: int = 5, levels: tuple[int, ...] = (1, 4)) -> None:
     """`--alternate`: llmkit and `transformers serve --continuous-batching` up side by side, float32,
     measured in turn at 1 and 4 clients `rounds` times: single runs at few clients are too short to

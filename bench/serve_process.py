@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 
 from bench.common import describe_machine, gpt2_small, save, table
-from bench.serve import side_by_side
+from bench.serve import level_rows, side_by_side
 
 ROUNDS = 3
 LEVELS = (1, 4, 16)
@@ -34,19 +34,7 @@ def main() -> None:
     rows = [("model", "engine", "1 client tok/s", "4 clients", "16 clients", "16 vs 1")]
     for label, (model, extra) in models.items():
         got = results[label] = side_by_side(model, extra, ENVS, LEVELS, rounds)
-        base = got["medians"]["engine thread"]
-        for name, med in got["medians"].items():
-            speed = "" if med is base else " (" + ", ".join(f"{med[c] / base[c]:.2f}x" for c in LEVELS) + ")"
-            rows.append(
-                (
-                    label,
-                    name + speed,
-                    f"{med[1]:.1f}",
-                    f"{med[4]:.1f}",
-                    f"{med[16]:.1f}",
-                    f"{med[16] / med[1]:.2f}x",
-                )
-            )
+        rows += level_rows(label, got, "engine thread", LEVELS)
         print(f"{label}: done", flush=True)
     print(table(rows))
     print(f"(medians of {rounds} alternated rounds; 64 sampled tokens per request)")

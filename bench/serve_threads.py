@@ -16,7 +16,7 @@ import sys
 from typing import Any
 
 from bench.common import describe_machine, gpt2_small, save, table
-from bench.serve import side_by_side
+from bench.serve import level_rows, side_by_side
 
 ROUNDS = 3
 LEVELS = (1, 4, 16)
@@ -45,20 +45,10 @@ def main() -> None:
     rows = [("model", "server", "1 client tok/s", "4 clients", "16 clients", "16 vs 1", "chosen")]
     for label, (model, extra) in models.items():
         got = results[label] = compare(model, extra, threads)
-        base = got["medians"][f"pinned to {threads} threads"]
-        for name, med in got["medians"].items():
-            speed = "" if med is base else " (" + ", ".join(f"{med[c] / base[c]:.2f}x" for c in LEVELS) + ")"
-            rows.append(
-                (
-                    label,
-                    name + speed,
-                    f"{med[1]:.1f}",
-                    f"{med[4]:.1f}",
-                    f"{med[16]:.1f}",
-                    f"{med[16] / med[1]:.2f}x",
-                    json.dumps(got["threads_chosen"][name]),
-                )
-            )
+        chosen = got["threads_chosen"]
+        rows += level_rows(
+            label, got, f"pinned to {threads} threads", LEVELS, lambda n, c=chosen: json.dumps(c[n])
+        )
         print(f"{label}: done", flush=True)
     print(table(rows))
     print(f"(medians of {ROUNDS} alternated rounds; 64 sampled tokens per request)")
